@@ -1,0 +1,412 @@
+"""SNR analysis of Adam's second moments, and rules derived from it.
+
+Kalra et al. (2025), eq. 3: for a second-moment tensor ``V`` and axes ``K``
+
+.. math::
+
+  \\mathrm{SNR}_K(V) = \\mathbb{E}_{K'}\\left[\\frac{(\\mathbb{E}_K V)^2}{\\mathrm{Var}_K V}\\right],
+
+with the population variance over ``K`` and the outer mean over the remaining
+axes ``K'`` (entries whose ratio is not finite are left out). Eq. 4 averages
+``SNR_K`` over the measured steps; SlimAdam compresses a matrix along the ``K``
+with the highest time-averaged SNR when it exceeds a cutoff (§5), and leaves
+vectors uncompressed. App. H averages SNR over depth per layer type first.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slimoptax import labels as labels_lib
+
+SNRTable = Mapping[str, Mapping[tuple[int, ...], float]]
+
+
+def snr(v: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """SNR_K of a second-moment tensor (eq. 3).
+
+  Args:
+    v: the second moment (any shape).
+    axes: the axes ``K`` averaged over.
+
+  Returns:
+    A scalar: the mean over the remaining axes of ``mean_K(v)^2 / var_K(v)``
+    (population variance), over finite entries only; NaN if none is finite.
+
+  Example:
+    >>> slimoptax.snr(jnp.array([[1., 3.], [2., 2.]]), (1,))   # row 0: 4/1, row 1: 4/0 -> 4
+    Array(4., dtype=float32)
+  """
+  v = jnp.asarray(v, jnp.float32)
+  axes = tuple(a % v.ndim for a in axes) if v.ndim else ()
+  mean = jnp.mean(v, axis=axes)
+  var = jnp.var(v, axis=axes)
+  ratio = jnp.square(mean) / var
+  finite = jnp.isfinite(ratio)
+  count = jnp.sum(finite)
+  total = jnp.sum(jnp.where(finite, ratio, 0.0))
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+
+
+def candidate_axes(path: str, shape: Sequence[int]) -> list[tuple[int, ...]]:
+  """The compression candidates measured for a parameter.
+
+  Vectors: ``(0,)``. Matrices and tensors: fan_in, fan_out and both, as named
+  by `labels.axis_roles` for the parameter's layer type (Flax layouts); for a
+  2-D kernel that is ``(0,)``, ``(1,)``, ``(0, 1)``.
+  """
+  shape = tuple(shape)
+  if len(shape) == 0:
+    return []
+  if len(shape) == 1:
+    return [(0,)]
+  try:
+    ltype = labels_lib.layer_type(path, shape)
+    _, roles = labels_lib.axis_roles(ltype, shape, path=path)
+  except ValueError:
+    roles = {}
+  fan_in = roles.get("fan_in", tuple(range(len(shape) - 1)))
+  fan_out = roles.get("fan_out", (len(shape) - 1,))
+  return [tuple(fan_in), tuple(fan_out), tuple(sorted(fan_in + fan_out))]
+
+
+def find_second_moment(opt_state: Any, params: Any) -> Any:
+  """Finds Adam's second moment ``nu`` (a tree like ``params``) in an optax state.
+
+  Works for `optax.scale_by_adam` / `optax.adamw` states and for
+  `slimoptax.scale_by_slim_adam` states, wherever they sit in a chain.
+
+  Raises:
+    ValueError: if no field named ``nu`` with the parameters' structure exists.
+  """
+  import optax  # local: optax.tree.get_all_with_path
+
+  want = [p for p, _ in labels_lib.named_leaves(params)]
+  for _, nu in optax.tree.get_all_with_path(opt_state, "nu"):
+    if [p for p, _ in labels_lib.named_leaves(nu)] == want:
+      return nu
+  raise ValueError(
+      "no second moment `nu` with the parameters' paths in this optimizer state "
+      "(SNR tracking and memory reports need an Adam-family state)"
+  )
+
+
+class SNRTracker:
+  """Follows SNR_K of Adam's second moments during training.
+
+  Call `maybe_record` every step (cheap: it does nothing off schedule); on a
+  scheduled step it runs one jitted function over the second-moment tree and
+  stores the results on the host. `time_average` gives eq. 4;
+  `depth_average` the per-layer-type average of App. H; `plot_trajectories`
+  and `plot_depth` draw them.
+
+  Args:
+    params: the parameters (or their shapes), for paths and candidates.
+    every: measure when ``step % every == 0``.
+    steps: extra steps to measure (e.g. ``(1,)`` as the authors did).
+    candidates: optional ``{path: [axes, ...]}`` overriding `candidate_axes`.
+
+  Example:
+    >>> tracker = slimoptax.SNRTracker(params, every=100, steps=(1,))
+    >>> for step in range(1, n + 1):
+    ...   params, opt_state = train_step(params, opt_state, batch)
+    ...   tracker.maybe_record(step, opt_state)
+    >>> rules = slimoptax.derive_rules(tracker.time_average(), shapes=tracker.shapes)
+  """
+
+  def __init__(self, params: Any, *, every: int = 100, steps: Iterable[int] = (1,),
+               candidates: Mapping[str, Sequence[Sequence[int]]] | None = None):
+    self._params_struct = jax.tree_util.tree_structure(params)
+    self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), params)
+    self.every = int(every)
+    self.steps = set(int(s) for s in steps)
+    self.shapes: dict[str, tuple[int, ...]] = {}
+    self.candidates: dict[str, list[tuple[int, ...]]] = {}
+    for path, leaf in labels_lib.named_leaves(params):
+      shape = tuple(np.shape(leaf))
+      self.shapes[path] = shape
+      cands = (candidates or {}).get(path)
+      self.candidates[path] = [tuple(c) for c in cands] if cands is not None else candidate_axes(path, shape)
+    self.history: dict[str, dict[tuple[int, ...], list[tuple[int, float]]]] = {
+        p: {c: [] for c in cs} for p, cs in self.candidates.items()
+    }
+    self._measure = jax.jit(self._measure_impl)
+
+  def should_measure(self, step: int) -> bool:
+    return step in self.steps or (self.every > 0 and step % self.every == 0)
+
+  def _measure_impl(self, nu):
+    out = {}
+    for path, v in labels_lib.named_leaves(nu):
+      out[path] = [snr(v, c) for c in self.candidates[path]]
+    return out
+
+  def measure(self, opt_state: Any) -> dict[str, dict[tuple[int, ...], float]]:
+    """SNR of every candidate for the current state (no recording)."""
+    nu = find_second_moment(opt_state, self._template)
+    values = jax.device_get(self._measure(nu))
+    return {p: {c: float(x) for c, x in zip(self.candidates[p], values[p])} for p in values}
+
+  def record(self, step: int, opt_state: Any) -> None:
+    """Measures and stores the SNRs at ``step``."""
+    for path, per_axes in self.measure(opt_state).items():
+      for c, x in per_axes.items():
+        self.history[path][c].append((int(step), x))
+
+  def maybe_record(self, step: int, opt_state: Any) -> bool:
+    """Records if ``step`` is on the schedule; returns whether it did."""
+    if self.should_measure(step):
+      self.record(step, opt_state)
+      return True
+    return False
+
+  def time_average(self) -> dict[str, dict[tuple[int, ...], float]]:
+    """Eq. 4: the mean SNR over recorded steps, per parameter and candidate."""
+    return {p: {c: _nanmean([x for _, x in pts]) for c, pts in per.items()}
+            for p, per in self.history.items()}
+
+  def depth_average(self) -> dict[str, dict[tuple[int, ...], float]]:
+    """App. H: time-averaged SNR averaged over layers of the same type."""
+    return depth_average(self.time_average())
+
+  def rows(self) -> list[dict[str, Any]]:
+    """Flat records ``{step, key, shape, compress_dims, snr}`` (the authors' CSV columns)."""
+    out = []
+    for p, per in self.history.items():
+      for c, pts in per.items():
+        for step, x in pts:
+          out.append({"step": step, "key": p, "shape": str(self.shapes[p]),
+                      "compress_dims": str(tuple(c)), "snr": x})
+    return sorted(out, key=lambda r: r["step"])
+
+  def to_csv(self, path: str) -> None:
+    """Writes `rows` as CSV (readable by `load_snr_csv`)."""
+    with open(path, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=["step", "key", "shape", "compress_dims", "snr"])
+      writer.writeheader()
+      writer.writerows(self.rows())
+
+  def plot_trajectories(self, path: str, *, names: Sequence[str] | None = None, max_panels: int = 12) -> None:
+    """PNG of SNR_K vs step for each candidate (one panel per parameter)."""
+    plot_trajectories(self.history, path, names=names, max_panels=max_panels)
+
+  def plot_depth(self, path: str) -> None:
+    """PNG of time-averaged SNR vs layer index per layer type and candidate."""
+    plot_depth(self.time_average(), path)
+
+
+def _nanmean(xs: Sequence[float]) -> float:
+  xs = [x for x in xs if math.isfinite(x)]
+  return float(np.mean(xs)) if xs else float("nan")
+
+
+_LAYER_INDEX = re.compile(r"(?<=[/.])(\d+)(?=[/.])|(?<=_)(\d+)(?=[/.])")
+
+
+def depth_group(name: str) -> tuple[str, int | None]:
+  """Splits a parameter name into (layer-type group, layer index).
+
+  ``blocks/3/attn/query/kernel`` -> ``("blocks/*/attn/query/kernel", 3)``;
+  ``transformer.h.3.mlp.mlp_up.weight`` -> ``("transformer.h.*.mlp.mlp_up.weight", 3)``;
+  ``params/Block_3/...`` -> ``("params/Block_*/...", 3)``. Names without an
+  index are their own group.
+  """
+  m = _LAYER_INDEX.search(name)
+  if not m:
+    return name, None
+  idx = int(m.group(1) or m.group(2))
+  return name[: m.start()] + "*" + name[m.end():], idx
+
+
+def depth_average(table: SNRTable) -> dict[str, dict[tuple[int, ...], float]]:
+  """Averages a ``{name: {axes: snr}}`` table over layers of the same group.
+
+  Keys of the result contain ``*`` in place of the layer index (see
+  `depth_group`); `derive_rules` turns them into patterns matching every depth.
+  """
+  groups: dict[str, dict[tuple[int, ...], list[float]]] = {}
+  for name, per in table.items():
+    group, _ = depth_group(name)
+    for axes, value in per.items():
+      groups.setdefault(group, {}).setdefault(tuple(axes), []).append(value)
+  return {g: {a: _nanmean(v) for a, v in per.items()} for g, per in groups.items()}
+
+
+def derive_rules(
+    snr_table: SNRTable,
+    cutoff: float = 1.0,
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> labels_lib.Rules:
+  """SlimAdam rules from time-averaged SNRs (§5).
+
+  For each parameter, keep the candidate axes whose SNR exceeds ``cutoff``
+  and pick the one with the highest SNR; if none passes, no compression.
+  1-D parameters are never compressed.
+
+  Args:
+    snr_table: ``{name: {axes: time-averaged SNR}}`` (e.g.
+      `SNRTracker.time_average`, `depth_average`, or `load_snr_csv`). Names
+      with ``*`` (depth-averaged groups) match every layer index.
+    cutoff: the SNR threshold (strictly exceeded).
+    shapes: ``{name: shape}``; used to recognise 1-D parameters. Without it a
+      parameter whose only candidate is ``(0,)`` is taken as 1-D.
+
+  Returns:
+    A `slimoptax.Rules` with one exact-path rule per name (label = name),
+    integer axes in the convention of the table.
+
+  Example:
+    >>> rules = slimoptax.derive_rules(tracker.time_average(), 1.0, shapes=tracker.shapes)
+    >>> tx = slimoptax.slim_adamw(3e-3, compress=rules)
+  """
+  out = []
+  for name, per in snr_table.items():
+    cands = {tuple(int(a) for a in axes): float(v) for axes, v in per.items()}
+    if shapes is not None and name in shapes:
+      ndim = len(tuple(shapes[name]))
+    else:
+      ndim = 1 + max((a for c in cands for a in c), default=0)
+      if set(cands) == {(0,)}:
+        ndim = 1
+    best = ()
+    if ndim >= 2:
+      passing = [(v, c) for c, v in cands.items() if math.isfinite(v) and v > cutoff]
+      if passing:
+        best = max(passing)[1]
+    out.append(labels_lib.Rule(labels_lib.exact_pattern(name), name, best))
+  return labels_lib.Rules(out, name=f"derived(cutoff={cutoff})")
+
+
+def load_snr_csv(path: str) -> tuple[dict[str, dict[tuple[int, ...], list[tuple[int, float]]]], dict[str, tuple[int, ...]]]:
+  """Reads an SNR CSV (columns ``step,key,shape,compress_dims,snr[,...]``).
+
+  The format of `SNRTracker.to_csv` and of the SlimAdam authors' published
+  measurements.
+
+  Returns:
+    ``(history, shapes)``: ``history[name][axes] = [(step, snr), ...]``.
+  """
+  history: dict[str, dict[tuple[int, ...], list[tuple[int, float]]]] = {}
+  shapes: dict[str, tuple[int, ...]] = {}
+  with open(path, newline="") as f:
+    for row in csv.DictReader(f):
+      name = row["key"]
+      axes = _parse_tuple(row["compress_dims"])
+      shapes[name] = _parse_tuple(row["shape"])
+      history.setdefault(name, {}).setdefault(axes, []).append((int(row["step"]), float(row["snr"])))
+  return history, shapes
+
+
+def time_average(history: Mapping[str, Mapping[tuple[int, ...], Sequence[tuple[int, float]]]]) -> dict[str, dict[tuple[int, ...], float]]:
+  """Eq. 4 over a ``history[name][axes] = [(step, snr), ...]`` mapping."""
+  return {p: {c: _nanmean([x for _, x in pts]) for c, pts in per.items()} for p, per in history.items()}
+
+
+def _parse_tuple(text: str) -> tuple[int, ...]:
+  return tuple(int(t) for t in re.findall(r"-?\d+", text))
+
+
+def second_moments_kept(shapes: Mapping[str, Sequence[int]], rules: Any) -> tuple[int, int]:
+  """(entries kept, Adam's entries) for parameters ``{name: shape}`` under ``rules``.
+
+  Example:
+    >>> kept, total = slimoptax.second_moments_kept(shapes, rules)
+    >>> print(f"{1 - kept / total:.2%} saved")
+  """
+  tree = {name: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for name, s in shapes.items()}
+  axes = labels_lib.compression_axes(tree, rules)
+  kept = sum(labels_lib.kept_entries(tuple(shapes[n]), axes[n]) for n in shapes)
+  total = sum(math.prod(tuple(s)) for s in shapes.values())
+  return kept, total
+
+
+# --------------------------------------------------------------------------
+# Plots (matplotlib is imported lazily; it is in the `experiments` extra).
+# --------------------------------------------------------------------------
+
+
+def _pyplot():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def plot_trajectories(history, path: str, *, names: Sequence[str] | None = None, max_panels: int = 12) -> None:
+  """PNG: SNR_K vs step, one panel per parameter, one line per candidate K."""
+  plt = _pyplot()
+  names = list(names) if names is not None else [n for n in history if any(
+      len(c) > 0 for c in history[n]) and len(history[n]) > 1][:max_panels]
+  if not names:
+    names = list(history)[:max_panels]
+  cols = min(4, len(names))
+  rows = math.ceil(len(names) / cols)
+  fig, axs = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+  for ax, name in zip(axs.flat, names):
+    for c, pts in history[name].items():
+      if pts:
+        steps, vals = zip(*pts)
+        ax.plot(steps, vals, marker=".", label=f"K={c}")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_title(name, fontsize=8)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+  for ax in list(axs.flat)[len(names):]:
+    ax.axis("off")
+  fig.suptitle("SNR_K of Adam's second moments (dashed: cutoff 1)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_depth(table: SNRTable, path: str) -> None:
+  """PNG: time-averaged SNR vs layer index, one panel per layer-type group."""
+  plt = _pyplot()
+  groups: dict[str, dict[tuple[int, ...], list[tuple[int, float]]]] = {}
+  for name, per in table.items():
+    group, idx = depth_group(name)
+    if idx is None:
+      continue
+    for c, v in per.items():
+      groups.setdefault(group, {}).setdefault(tuple(c), []).append((idx, v))
+  groups = {g: per for g, per in groups.items() if any(len(c) for c in per)}
+  if not groups:
+    groups = {"(no layered parameters)": {}}
+  cols = min(4, len(groups))
+  rows = math.ceil(len(groups) / cols)
+  fig, axs = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+  for ax, (group, per) in zip(axs.flat, groups.items()):
+    for c, pts in per.items():
+      pts = sorted(pts)
+      ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", label=f"K={c}")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_title(group, fontsize=8)
+    ax.set_xlabel("layer")
+    if per:
+      ax.legend(fontsize=7)
+  for ax in list(axs.flat)[len(groups):]:
+    ax.axis("off")
+  fig.suptitle("time-averaged SNR_K by depth")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+__all__ = [
+    "SNRTracker", "candidate_axes", "depth_average", "depth_group", "derive_rules",
+    "find_second_moment", "load_snr_csv", "plot_depth", "plot_trajectories",
+    "second_moments_kept", "snr", "time_average",
+]

@@ -1,0 +1,205 @@
+"""Label rules and presets: per-leaf axes on Flax models, counts, serialisation, errors."""
+
+import json
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import slimoptax
+from slimoptax import labels
+from tests.models import LinenCNN, LinenGPT, NNXGPT
+
+
+def S(*shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def gpt2_small(*, dense_attention=False, layers=12, d=768, heads=12, vocab=50304, ctx=1024):
+  """GPT-2 small shapes as an NNX-style tree (tied embedding, no biases)."""
+  hd = d // heads
+  tree = {"wte": {"embedding": S(vocab, d)}, "wpe": {"embedding": S(ctx, d)}, "ln_f": {"scale": S(d)},
+          "blocks": {}}
+  for i in range(layers):
+    if dense_attention:
+      attn = {n: {"kernel": S(d, d)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    else:
+      attn = {"query": {"kernel": S(d, heads, hd)}, "key": {"kernel": S(d, heads, hd)},
+              "value": {"kernel": S(d, heads, hd)}, "out": {"kernel": S(heads, hd, d)}}
+    tree["blocks"][str(i)] = {"ln_1": {"scale": S(d)}, "attn": attn, "ln_2": {"scale": S(d)},
+                              "mlp": {"up": {"kernel": S(d, 4 * d)}, "down": {"kernel": S(4 * d, d)}}}
+  return tree
+
+
+def kept(tree, axes):
+  flat_axes = labels.leaves_like(tree, axes, what="axes")
+  return sum(labels.kept_entries(x.shape, a) for x, a in zip(jax.tree.leaves(tree), flat_axes))
+
+
+@pytest.mark.parametrize("dense_attention", [False, True])
+def test_adam_mini_count_on_gpt2_small(dense_attention):
+  tree = gpt2_small(dense_attention=dense_attention)
+  total = sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  assert total == 124_373_760
+  # Per layer: 12 + 12 heads (q, k), 768 (v), 768 (o), 3072 (up), 768 (down), 1 + 1 (norms);
+  # plus 50304 tokens, 1 (wpe), 1 (ln_f): 12 * 5402 + 50306 = 115,130.
+  n = kept(tree, slimoptax.compression_axes(tree, "adam-mini", num_heads=12))
+  assert n == 115_130
+  assert round(100 * n / total, 3) == 0.093
+
+
+def test_preset_counts_on_gpt2_small_closed_form():
+  tree = gpt2_small()
+  d, L, V = 768, 12, 50304
+  assert kept(tree, slimoptax.compression_axes(tree, "adam")) == 124_373_760
+  assert kept(tree, slimoptax.compression_axes(tree, "adalayer")) == 2 + L * 8 + 1
+  # AdaLayer+LN+TN: wte full, norms full, everything else one value per tensor.
+  assert kept(tree, slimoptax.compression_axes(tree, "adalayer+ln+tn")) == V * d + 1 + d + L * (2 * d + 6)
+  # SlimAdam Table 3: q,k keep fan_out (H*hd = d), v,o keep fan_in (d), up keeps fan_in (d),
+  # down keeps fan_in (4d), wte/wpe keep one per row, norms full.
+  per_layer = d + d + d + d + d + 4 * d + 2 * d
+  assert kept(tree, slimoptax.compression_axes(tree, "slimadam")) == V + 1024 + d + L * per_layer
+
+
+def test_slimadam_axes_orientation_on_nnx_gpt():
+  model = NNXGPT(rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  axes = slimoptax.compression_axes(params, "slimadam")
+  flat = dict(zip([p for p, _ in labels.named_leaves(params)], labels.leaves_like(params, axes, what="axes")))
+  assert flat["blocks/0/attn/query/kernel"] == (0,)      # (d, H, hd): fan_in
+  assert flat["blocks/0/attn/key/kernel"] == (0,)
+  assert flat["blocks/0/attn/value/kernel"] == (1, 2)    # fan_out = heads x head_dim
+  assert flat["blocks/0/attn/out/kernel"] == (2,)        # (H, hd, d): fan_out
+  assert flat["blocks/0/mlp/up/kernel"] == (1,)          # Flax (fan_in, fan_out): fan_out = 1
+  assert flat["blocks/0/mlp/down/kernel"] == (1,)
+  assert flat["wte/embedding"] == (1,)                   # (vocab, d): one per token
+  assert flat["lm_head/kernel"] == (0,)                  # (d, vocab): fan_in, one per token
+  assert flat["ln_f/scale"] == () and flat["blocks/0/ln_1/scale"] == ()
+  am = slimoptax.compression_axes(params, "adam-mini")
+  flat_am = dict(zip(flat, labels.leaves_like(params, am, what="axes")))
+  assert flat_am["blocks/0/attn/query/kernel"] == (0, 2)  # keep heads
+  assert flat_am["blocks/0/attn/out/kernel"] == (0, 1)    # one per output neuron
+  assert flat_am["lm_head/kernel"] == (0,)
+  assert flat_am["ln_f/scale"] == (0,)
+
+
+def test_presets_on_linen_gpt_and_cnn():
+  gpt = LinenGPT().init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  axes = slimoptax.compression_axes(gpt, "slimadam")
+  assert axes["block_0"]["attn"]["query"]["kernel"] == (0,)
+  assert axes["block_0"]["up"]["kernel"] == (1,)  # a Dense named "up" outside an mlp module
+  assert axes["wte"]["embedding"] == (1,)
+  cnn = LinenCNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+  axes = slimoptax.compression_axes(cnn, "slimadam")
+  assert axes["conv_0"]["kernel"] == (0, 1, 2)  # (h, w, in, out): fan_in = window and in
+  assert axes["head"]["kernel"] == (0,)         # classifier: fan_in
+  assert axes["bn_0"]["scale"] == () and axes["conv_0"]["bias"] == ()
+  lbl = slimoptax.param_labels(cnn, "adam-mini")
+  assert lbl["bn_0"]["scale"] == "norm" and lbl["conv_1"]["kernel"] == "conv" and lbl["head"]["kernel"] == "head"
+  am = slimoptax.compression_axes(cnn, "adam-mini")
+  assert am["conv_1"]["kernel"] == (0, 1, 2) and am["bn_0"]["scale"] == (0,)
+
+
+def test_pytorch_names_and_integer_axes():
+  names = {"transformer.h.0.attn.q_proj.weight": S(768, 768), "transformer.wte.weight": S(50304, 768),
+           "transformer.h.0.ln_1.weight": S(768)}
+  assert slimoptax.param_labels(names, "slimadam") == {
+      "transformer.h.0.attn.q_proj.weight": "query", "transformer.wte.weight": "embedding",
+      "transformer.h.0.ln_1.weight": "norm"}
+  rules = slimoptax.Rules.from_dict({"transformer.h.0.attn.q_proj.weight": [1],
+                                     "transformer.wte.weight": [1], "transformer.h.0.ln_1.weight": None})
+  assert slimoptax.compression_axes(names, rules) == {
+      "transformer.h.0.attn.q_proj.weight": (1,), "transformer.wte.weight": (1,),
+      "transformer.h.0.ln_1.weight": ()}
+
+
+def test_heads_view_numbers_match_numpy():
+  """Adam-mini on a 2-D (d, H*hd) query kernel: one mean per head, as numpy computes it."""
+  d, H, hd = 6, 3, 4
+  g = np.random.default_rng(0).normal(size=(d, H * hd)).astype(np.float32)
+  axes = slimoptax.compression_axes({"attn": {"q_proj": {"kernel": S(d, H * hd)}}}, "adam-mini", num_heads=H)
+  spec = axes["attn"]["q_proj"]["kernel"]
+  assert spec == labels.Reshaped((d, H, hd), (0, 2))
+  ours = slimoptax.slim_adam.mean_square(jnp.asarray(g), spec)
+  ref = (g.reshape(d, H, hd) ** 2).mean(axis=(0, 2))
+  np.testing.assert_allclose(np.asarray(ours).reshape(H), ref, rtol=1e-6)
+
+
+def test_rules_json_roundtrip_and_table(tmp_path):
+  rules = slimoptax.Rules([(r"attn/qkv/kernel$", "attn_qkv", (0,))]) + slimoptax.preset("slimadam")
+  path = tmp_path / "rules.json"
+  rules.to_json(str(path))
+  loaded = slimoptax.Rules.from_json(str(path))
+  assert loaded == rules
+  params = {"attn": {"qkv": {"kernel": S(8, 24)}}, "mlp": {"up": {"kernel": S(8, 32)}}, "ln": {"scale": S(8)}}
+  assert slimoptax.compression_axes(params, loaded) == slimoptax.compression_axes(params, rules)
+  table = rules.table(params)
+  assert "attn/qkv/kernel" in table and "attn_qkv" in table
+  # 8 (qkv keeps fan_out 24? no: averaged over fan_in -> 24) + 8 (up keeps fan_in) + 8 (norm).
+  assert "40 of 456" in table.replace(",", "")
+  assert json.loads(path.read_text())["format"] == "slimoptax.rules/v1"
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+# ---------------------------------------------------------------------------
+
+
+def test_mismatched_compress_tree_names_paths():
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"parameters without an entry: \['b'\]"):
+    slimoptax.scale_by_slim_adam(compress={"a": (0,), "c": ()}).init(params)
+
+
+def test_axis_out_of_range_names_path():
+  params = {"layer": {"kernel": jnp.ones((2, 3))}}
+  with pytest.raises(ValueError, match=r"'layer/kernel'.*axis 2 out of range"):
+    slimoptax.scale_by_slim_adam(compress={"layer": {"kernel": (2,)}}).init(params)
+  rules = slimoptax.Rules([("kernel", "k", (5,))])
+  with pytest.raises(ValueError, match=r"axis 5 out of range for parameter 'layer/kernel'"):
+    slimoptax.compression_axes(params, rules)
+
+
+def test_unknown_layer_type_and_preset():
+  with pytest.raises(ValueError, match="unknown layer type 'mlp_upp'"):
+    slimoptax.preset("slimadam", overrides={"mlp_upp": ("fan_in",)})
+  with pytest.raises(ValueError, match="unknown preset"):
+    slimoptax.preset("slim-adam-9000")
+  with pytest.raises(ValueError, match=r"label 'my_layer' is not a layer type"):
+    slimoptax.compression_axes({"x": {"kernel": S(2, 3)}}, slimoptax.Rules([("x", "my_layer", ("fan_in",))]))
+
+
+def test_unmatched_rule_warns_and_unmatched_param_errors():
+  params = {"dense": {"kernel": S(4, 4)}}
+  with pytest.warns(UserWarning, match=r"'nothing_here' -> 'x'.*matches no parameter"):
+    slimoptax.compression_axes(params, slimoptax.Rules([("nothing_here", "x", ()), ("kernel", "k", (0,))]))
+  with pytest.raises(ValueError, match=r"no rule of 'custom' matches parameter 'dense/kernel'"):
+    slimoptax.compression_axes(params, slimoptax.Rules([("bias", "b", ())]))
+  with pytest.raises(ValueError, match=r"no rule of 'slimadam' matches parameter 'weird' with shape \(3, 3\)"):
+    slimoptax.compression_axes({"weird": S(3, 3)}, "slimadam")
+  with pytest.raises(ValueError, match=r"'attn/c_attn/kernel'.*'attn_qkv' layer.*not handle"):
+    slimoptax.compression_axes({"attn": {"c_attn": {"kernel": S(4, 12)}}}, "slimadam")
+  with pytest.raises(ValueError, match="pass num_heads"):
+    slimoptax.compression_axes({"attn": {"q_proj": {"kernel": S(4, 12)}}}, "adam-mini")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    slimoptax.compression_axes({"attn": {"q_proj": {"kernel": S(4, 12)}}}, "slimadam")  # presets never warn
+
+
+def test_integer_and_complex_params_rejected_with_path():
+  with pytest.raises(ValueError, match=r"'step' has dtype int32"):
+    slimoptax.slim_adamw(1e-3).init({"w": jnp.ones((2, 2)), "step": jnp.zeros((), jnp.int32)})
+  with pytest.raises(ValueError, match=r"'z' is complex"):
+    slimoptax.slim_adamw(1e-3).init({"z": jnp.ones((2,), jnp.complex64)})
+
+
+def test_state_from_other_rules_is_an_error():
+  params = {"dense": {"kernel": jnp.ones((4, 6))}}
+  state = slimoptax.scale_by_slim_adam(compress="adalayer").init(params)
+  tx = slimoptax.scale_by_slim_adam(compress="slimadam")
+  with pytest.raises(ValueError, match=r"'dense/kernel' has shape \(1, 1\) but the compression rules give \(4, 1\)"):
+    tx.update(params, state)
