@@ -31,7 +31,7 @@ def _nbytes(x: Any) -> int:
 
 def tree_bytes(tree: Any) -> int:
   """Total bytes of the array leaves of a pytree (works on `jax.ShapeDtypeStruct` s)."""
-  return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape") or np.ndim(x) >= 0)
+  return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(tree))
 
 
 @dataclasses.dataclass(frozen=True)
