@@ -1,0 +1,330 @@
+"""The optimizer ladder between SGD and Adam, with the seeds' hyperparameters.
+
+One-line constructors for the methods of Orvieto & Gower's Table 1 (Adam,
+Adam with ``b1 = b2``, Signum, RMSprop, SGD + Cclip, SignSGD / EMASign,
+SGD + Gclip, SGD) and the low-memory baselines of the SlimAdam paper (Kalra et
+al. 2025, App. A: Adafactor with and without momentum, Lion, SM3). Every
+constructor takes ``learning_rate`` (a float or an optax schedule) first;
+defaults are the seeds' settings:
+
+* decoupled weight decay ``0.1`` (multiplied by the learning rate, as PyTorch
+  ``AdamW``), except SGD, which the seed ran without weight decay (App. A.1.1,
+  B.1). It applies to parameters with ``ndim >= 2`` by default, slimoptax's
+  convention (as `slimoptax.slim_adamw`); the seeds do not say which
+  parameters decay. Pass ``mask=None`` to decay all, as ``optax.adamw`` does;
+* global norm clipping of the raw gradient to ``1.0`` (``clip_norm``; ``None``
+  turns it off);
+* momentum with dampening ``1 - beta``: ``m_k = beta m_{k-1} + (1 - beta)
+  g_k``, zero-initialised.
+
+`LADDER` maps names to constructors for the experiment scripts::
+
+    tx = slimoptax.LADDER["signum"](1e-3)
+
+Note: PyTorch's ``SGD`` starts its momentum buffer at the first gradient
+("GI"); ours start at zero ("ZI"); the seed found no difference for Signum
+(Table 3), and the gap decays as ``beta^k``. `signum` and `emasign` take
+``init="grad"`` for GI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from slimoptax.factored import scale_by_adafactor
+from slimoptax.sign import scale_by_sign
+from slimoptax.slim_adam import default_weight_decay_mask
+
+Mask = Any  # None | pytree of bools | callable params -> pytree of bools
+
+
+def _gclip(clip_norm: ArrayLike | None) -> list[optax.GradientTransformation]:
+  return [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
+
+
+def _decay(weight_decay: ArrayLike, mask: Mask) -> list[optax.GradientTransformation]:
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    return []
+  return [optax.add_decayed_weights(weight_decay, mask)]
+
+
+def ema_momentum(beta: ArrayLike, *, accumulator_dtype: Any = None) -> optax.GradientTransformation:
+  """Heavy-ball momentum with dampening ``1 - beta``: ``m_k = beta m_{k-1} + (1 - beta) g_k``.
+
+  ``optax.trace`` accumulates ``t_k = beta t_{k-1} + g_k``; ``(1 - beta) t_k``
+  is the EMA (zero-initialised).
+  """
+  return optax.chain(optax.trace(decay=beta, accumulator_dtype=accumulator_dtype),
+                     optax.scale(1 - beta))
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.95,
+    eps: ArrayLike = 1e-8,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    clip_norm: ArrayLike | None = 1.0,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """Adam with decoupled weight decay and global clipping (the seed's Adam).
+
+  ``u = -lr (m_hat / (sqrt(v_hat) + eps) + wd * w)`` on ``Gclip(g) = min(1,
+  clip_norm / ||g||) g``, bias-corrected as PyTorch ``AdamW``.
+
+  Args:
+    learning_rate: float or schedule.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added outside the square root.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    clip_norm: global-norm clipping of the raw gradient (``None``: off).
+    mask: which parameters decay (default ``ndim >= 2``; ``None``: all).
+
+  Returns:
+    A `optax.GradientTransformation`.
+
+  References:
+    Orvieto & Gower 2025, App. A.1.1; Loshchilov & Hutter 2019.
+  """
+  return optax.chain(*_gclip(clip_norm), optax.scale_by_adam(b1, b2, eps),
+                     *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+
+
+def adam_equal_betas(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: ArrayLike = 0.95,
+    eps: ArrayLike = 1e-8,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    clip_norm: ArrayLike | None = 1.0,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """Adam with ``b1 = b2 = beta``, the seed's recommendation (best in its Fig. 2: 0.95).
+
+  See `adamw`. Its Adam step is ``scale_by_adavar(beta, beta, beta, eps,
+  bias_correction=True)`` (seed Prop. 1).
+  """
+  return adamw(learning_rate, beta, beta, eps, weight_decay, clip_norm=clip_norm, mask=mask)
+
+
+def rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    b2: ArrayLike = 0.95,
+    eps: ArrayLike = 1e-8,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    clip_norm: ArrayLike | None = 1.0,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """RMSprop as the seed ran it: PyTorch ``AdamW`` with ``b1 = 0`` (so ``v`` is bias-corrected).
+
+  ``u = -lr (g / (sqrt(v / (1 - b2^k)) + eps) + wd * w)``. Not `optax.rmsprop`
+  (no bias correction, ``eps`` inside the root).
+  """
+  return adamw(learning_rate, 0.0, b2, eps, weight_decay, clip_norm=clip_norm, mask=mask)
+
+
+def signum(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: ArrayLike = 0.95,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    clip_norm: ArrayLike | None = 1.0,
+    init: str = "zero",
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """Signum: ``u = -lr (sign(EMA_beta[Gclip(g)]) + wd * w)`` (seed's best: beta 0.95, Gclip 1).
+
+  Clipping happens before the EMA, so it changes Signum (App. A.1.1).
+  """
+  return optax.chain(*_gclip(clip_norm), scale_by_sign(mode="signum", beta=beta, init=init),
+                     *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+
+
+def signsgd(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """SignSGD with decoupled weight decay: ``u = -lr (sign(g) + wd * w)`` (clipping has no effect)."""
+  return optax.chain(scale_by_sign(mode="signsgd"), *_decay(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def emasign(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: ArrayLike = 0.95,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    init: str = "zero",
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """EMASign ("momentum on SignSGD"): ``u = -lr (EMA_beta[sign(g)] + wd * w)``.
+
+  Global clipping has no effect here (it does not change signs), so there is
+  no ``clip_norm``.
+  """
+  return optax.chain(scale_by_sign(mode="emasign", beta=beta, init=init),
+                     *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+
+
+def sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: ArrayLike = 0.95,
+    weight_decay: ArrayLike = 0.0,
+    *,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """SGD with momentum (dampening ``1 - beta``): ``u = -lr (EMA_beta[g] + wd * w)``.
+
+  No clipping and no weight decay by default, as in the seed (App. A.1.1).
+  """
+  return optax.chain(ema_momentum(beta), *_decay(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def sgd_gclip(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: ArrayLike = 0.95,
+    weight_decay: ArrayLike = 0.0,
+    *,
+    clip_norm: ArrayLike = 1.0,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """SGD + Gclip: global-norm clipping *before* momentum, ``u = -lr EMA_beta[Gclip(g)]``."""
+  return optax.chain(optax.clip_by_global_norm(clip_norm), ema_momentum(beta),
+                     *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+
+
+def sgd_cclip(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: ArrayLike = 0.95,
+    weight_decay: ArrayLike = 0.0,
+    *,
+    clip: ArrayLike = 1.0,
+    clip_norm: ArrayLike | None = 1.0,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """SGD + Cclip: coordinate clipping *after* momentum, ``u = -lr clip(EMA_beta[Gclip(g)], ±clip)``.
+
+  The seed runs it on globally clipped gradients (``clip_norm=1``, App. A.1.1).
+  """
+  return optax.chain(*_gclip(clip_norm), ema_momentum(beta), optax.clip(clip),
+                     *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+
+
+def adafactor(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike | None = None,
+    decay_rate: ArrayLike = 0.8,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    clip_norm: ArrayLike | None = 1.0,
+    clipping_threshold: ArrayLike | None = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    factored_axes: Any = None,
+    min_dim_size_to_factor: int = 128,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """Adafactor (`slimoptax.scale_by_adafactor`) with an external learning rate.
+
+  ``u = -lr (AF(Gclip(g)) + wd * w)``; ``b1=None`` is the paper's momentum-free
+  Adafactor, ``b1=0.9`` the fairseq "Adafactor v2" of the SlimAdam paper (run
+  with ``relative_step=False``, as here). For the relative step size use
+  ``scale_by_adafactor(relative_step=True)`` directly.
+  """
+  return optax.chain(
+      *_gclip(clip_norm),
+      scale_by_adafactor(decay_rate, factored_axes=factored_axes,
+                         min_dim_size_to_factor=min_dim_size_to_factor, b1=b1,
+                         clipping_threshold=clipping_threshold,
+                         multiply_by_parameter_scale=multiply_by_parameter_scale),
+      *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+
+
+def adafactor_momentum(learning_rate: optax.ScalarOrSchedule, b1: ArrayLike = 0.9,
+                       **kwargs: Any) -> optax.GradientTransformation:
+  """`adafactor` with momentum ``b1 = 0.9`` ("Adafactor v2")."""
+  return adafactor(learning_rate, b1, **kwargs)
+
+
+def lion(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.95,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    clip_norm: ArrayLike | None = 1.0,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """`optax.lion` with the SlimAdam paper's settings (b2 = 0.95, wd 0.1, Gclip 1)."""
+  return optax.chain(*_gclip(clip_norm),
+                     optax.lion(learning_rate, b1, b2, weight_decay=weight_decay, mask=mask))
+
+
+def sm3(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: ArrayLike = 0.9,
+    b2: ArrayLike = 0.95,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    clip_norm: ArrayLike | None = 1.0,
+    mask: Mask = default_weight_decay_mask,
+) -> optax.GradientTransformation:
+  """SM3 as the SlimAdam paper ran it (momentum 0.9, accumulator EMA ``b2 = 0.95``).
+
+  Built on `optax.scale_by_sm3` (``optax.sm3`` fixes ``b2 = 1``, plain sums,
+  and takes no schedule); ``b2=1.0, weight_decay=0, clip_norm=None`` is
+  ``optax.sm3``. 0-d parameters (which `optax.scale_by_sm3` cannot take) are
+  treated as 1-element vectors, i.e. get their own accumulator.
+  """
+  return optax.chain(*_gclip(clip_norm), _scalars_as_vectors(optax.scale_by_sm3(momentum, b2)),
+                     *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+
+
+def _scalars_as_vectors(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Runs ``inner`` with 0-d leaves viewed as shape ``(1,)`` (`optax.scale_by_sm3` fails on 0-d)."""
+
+  def promote(tree):
+    return jax.tree.map(lambda x: jnp.reshape(x, (1,)) if jnp.ndim(x) == 0 else x, tree)
+
+  def init_fn(params):
+    return inner.init(promote(params))
+
+  def update_fn(updates, state, params=None):
+    out, state = inner.update(promote(updates), state, None if params is None else promote(params))
+    return jax.tree.map(lambda o, u: jnp.reshape(o, jnp.shape(u)), out, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+LADDER: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adam": adamw,
+    "adam_equal_betas": adam_equal_betas,
+    "rmsprop": rmsprop,
+    "signum": signum,
+    "signsgd": signsgd,
+    "emasign": emasign,
+    "sgd": sgd,
+    "sgd_gclip": sgd_gclip,
+    "sgd_cclip": sgd_cclip,
+    "adafactor": adafactor,
+    "adafactor_momentum": adafactor_momentum,
+    "lion": lion,
+    "sm3": sm3,
+}
+
+
+__all__ = [
+    "LADDER", "adafactor", "adafactor_momentum", "adam_equal_betas", "adamw", "ema_momentum",
+    "emasign", "lion", "rmsprop", "sgd", "sgd_cclip", "sgd_gclip", "signsgd", "signum", "sm3",
+]

@@ -1,0 +1,217 @@
+"""Adam as an online mean/variance estimator: AdaVar and Thm 4.1.
+
+Orvieto & Gower (2025), §4. With ``b1 = b2 = beta``, no bias correction and
+``eps = 0``, Adam's direction ``m_k / sqrt(v_k)`` equals (Prop. 1)
+
+.. math::
+
+  d_k = \\frac{m_k}{\\sqrt{m_k^2 + \\sigma_k^2}}, \\qquad
+  m_k = \\beta m_{k-1} + (1 - \\beta) g_k, \\qquad
+  \\sigma_k^2 = \\beta \\sigma_{k-1}^2 + \\beta (1 - \\beta) (m_{k-1} - g_k)^2,
+
+so ``sigma_k^2 = v_k - m_k^2 = beta EMA_beta[(m_{k-1} - g_k)^2]``: the online
+variational estimate of the gradient variance of Thm 4.1 (eq. 7, 8). AdaVar
+(eq. 12, App. C.4) decouples the three roles of ``beta``:
+``sigma_k^2 = gamma EMA_tau[(m_{k-1} - g_k)^2]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from slimoptax import labels as labels_lib
+from slimoptax.slim_adam import ScaleBySlimAdamState
+
+
+class ScaleByAdaVarState(NamedTuple):
+  """State of `scale_by_adavar`.
+
+  Attributes:
+    count: number of updates applied (int32 scalar).
+    mu: mean estimate ``m_k = EMA_beta[g_k]``, same shapes as the parameters.
+    sigma2: variance estimate ``sigma_k^2 = gamma EMA_tau[(m_{k-1} - g_k)^2]``
+      (``gamma`` included), same shapes as the parameters.
+  """
+
+  count: chex.Array
+  mu: optax.Updates
+  sigma2: optax.Updates
+
+
+def scale_by_adavar(
+    beta: ArrayLike = 0.95,
+    gamma: ArrayLike | None = None,
+    tau: ArrayLike | None = None,
+    eps: ArrayLike = 1e-8,
+    *,
+    bias_correction: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+  """Rescales updates by AdaVar, the generalised Adam reformulation (seed eq. 12).
+
+  .. math::
+
+    m_k &= \\beta m_{k-1} + (1 - \\beta) g_k, \\quad
+    \\sigma_k^2 = \\tau \\sigma_{k-1}^2 + \\gamma (1 - \\tau) (m_{k-1} - g_k)^2, \\quad
+    m_0 = \\sigma_0^2 = 0, \\\\
+    d_k &= \\frac{m_k}{\\sqrt{m_k^2 + \\sigma_k^2} + \\epsilon}
+    \\qquad (\\sigma_k^2 = \\gamma\\,\\mathrm{EMA}_\\tau[(m_{k-1} - g_k)^2]).
+
+  The deviation uses the *previous* mean ``m_{k-1}`` (Prop. 1, Thm 4.1).
+  With ``gamma = tau = beta`` this is Adam with ``b1 = b2 = beta`` exactly
+  (Prop. 1: ``m_k^2 + sigma_k^2 = v_k``); for any other choice it is not an
+  Adam update (Prop. 2).
+
+  Bias correction (``bias_correction=True``) debiases as Adam does, through
+  the second moment AdaVar implies, ``v_k = m_k^2 + sigma_k^2``:
+  ``d_k = m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m_k / (1 - beta^k)`` and
+  ``v_hat = v_k / (1 - tau^k)``. With ``gamma = tau = beta`` this is
+  `optax.scale_by_adam` ``(b1 = b2 = beta)`` exactly. (The seed does not say how
+  its AdaVar runs debiased; this is our choice.)
+
+  Args:
+    beta: decay of the mean estimate ``m``.
+    gamma: multiplier of the variance term (``None``: ``beta``).
+    tau: decay of the squared-deviation EMA (``None``: ``beta``).
+    eps: added to the denominator outside the square root, as in Adam (0
+      gives the seed's eq. 12 exactly, with ``0/0 := 0``).
+    bias_correction: debias as described above.
+    mu_dtype: dtype of ``m`` (default: the updates').
+
+  Returns:
+    A `optax.GradientTransformation` with state `ScaleByAdaVarState`.
+
+  Example:
+    >>> tx = optax.chain(slimoptax.scale_by_adavar(0.95, gamma=0.95, tau=0.95),
+    ...                  optax.add_decayed_weights(0.1), optax.scale_by_learning_rate(8e-3))
+
+  References:
+    Orvieto & Gower, In Search of Adam's Secret Sauce, 2025 (Prop. 1, eq. 12,
+    App. C.2, C.4).
+  """
+  gamma = beta if gamma is None else gamma
+  tau = beta if tau is None else tau
+  mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
+
+  def init_fn(params):
+    labels_lib.check_float_params(params)
+    mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
+    sigma2 = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
+    return ScaleByAdaVarState(count=jnp.zeros([], jnp.int32), mu=mu, sigma2=sigma2)
+
+  def update_fn(updates, state, params=None):
+    del params
+    g_leaves, treedef = jax.tree_util.tree_flatten(updates)
+    mu_leaves = labels_lib.leaves_like(updates, state.mu, what="state.mu")
+    s_leaves = labels_lib.leaves_like(updates, state.sigma2, what="state.sigma2")
+    count_inc = optax.safe_increment(state.count)
+    if bias_correction:
+      c_mu = 1 - jnp.asarray(beta, jnp.float32) ** count_inc
+      c_v = 1 - jnp.asarray(tau, jnp.float32) ** count_inc
+    new_d, new_mu, new_s = [], [], []
+    for g, m_prev, s in zip(g_leaves, mu_leaves, s_leaves):
+      m = beta * m_prev + (1 - beta) * g
+      s = tau * s + gamma * (1 - tau) * jnp.square(m_prev - g)
+      v = jnp.square(m) + s
+      if bias_correction:
+        num, v = m / c_mu.astype(m.dtype), v / c_v.astype(v.dtype)
+      else:
+        num = m
+      denom = jnp.sqrt(v) + eps
+      safe = jnp.where(denom > 0, denom, jnp.ones_like(denom))
+      new_d.append(jnp.where(denom > 0, num / safe, jnp.zeros_like(num)).astype(g.dtype))
+      new_mu.append(m.astype(mu_dtype or g.dtype))
+      new_s.append(s.astype(g.dtype))
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    return unflat(new_d), ScaleByAdaVarState(count=count_inc, mu=unflat(new_mu),
+                                             sigma2=unflat(new_s))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+_ADAM_STATES = (optax.ScaleByAdamState, ScaleBySlimAdamState)
+
+
+def _find_adam_states(state: Any) -> list[Any]:
+  found = []
+
+  def visit(x):
+    if isinstance(x, _ADAM_STATES):
+      found.append(x)
+      return
+    if isinstance(x, (tuple, list)):
+      for y in x:
+        visit(y)
+    elif isinstance(x, dict):
+      for y in x.values():
+        visit(y)
+    elif hasattr(x, "inner_states"):  # optax.partition / multi_transform
+      visit(x.inner_states)
+    elif hasattr(x, "inner_state"):  # masked, MultiSteps, inject_hyperparams, ...
+      visit(x.inner_state)
+
+  visit(state)
+  return found
+
+
+def mean_variance_from_adam(state: Any, *, beta: ArrayLike | None = None) -> tuple[Any, Any]:
+  """The gradient mean and variance estimates held in an Adam state with ``b1 = b2``.
+
+  For Adam with ``b1 = b2 = beta``, ``m_k`` and ``sigma_k^2 = v_k - m_k^2`` are
+  exactly the online variational estimates of Thm 4.1 (eq. 7, 8):
+  ``sigma_k^2 = beta sigma_{k-1}^2 + beta (1 - beta) (m_{k-1} - g_k)^2``.
+  With ``b1 != b2`` the difference ``v - m^2`` has no such meaning (Prop. 2);
+  the state does not record the betas, so this is not checked.
+
+  Args:
+    state: a `optax.ScaleByAdamState`, a `slimoptax.ScaleBySlimAdamState`
+      (uncompressed: ``nu`` must have ``mu``'s shape), or an optimizer state
+      containing exactly one of them (e.g. the state of ``optax.adamw``).
+    beta: if given, return the bias-corrected estimates ``m_hat = m / (1 -
+      beta^k)`` and ``v_hat - m_hat^2`` with ``v_hat = v / (1 - beta^k)``, the
+      exponentially weighted mean and variance of the gradients seen (weights
+      summing to one).
+
+  Returns:
+    ``(mean, variance)``: pytrees like the parameters; the variance is
+    clipped at 0 against rounding.
+
+  Raises:
+    ValueError: if no (or several) Adam states are found, or a second moment
+      is compressed (the path is named).
+
+  Example:
+    >>> tx = optax.adam(1e-3, b1=0.95, b2=0.95)
+    >>> mean, var = slimoptax.mean_variance_from_adam(opt_state)
+  """
+  found = _find_adam_states(state)
+  if len(found) != 1:
+    raise ValueError(
+        f"expected exactly one Adam state (optax.ScaleByAdamState or ScaleBySlimAdamState) in "
+        f"`state`, found {len(found)}")
+  adam = found[0]
+  mu_named = labels_lib.named_leaves(adam.mu)
+  nu_leaves = labels_lib.leaves_like(adam.mu, adam.nu, what="state.nu")
+  for (path, m), v in zip(mu_named, nu_leaves):
+    if jnp.shape(m) != jnp.shape(v):
+      raise ValueError(
+          f"second moment of {path!r} has shape {jnp.shape(v)}, the first moment "
+          f"{jnp.shape(m)}: a compressed (SlimAdam) second moment holds no per-parameter "
+          "variance")
+  mean, second = adam.mu, adam.nu
+  if beta is not None:
+    c = 1 - jnp.asarray(beta, jnp.float32) ** adam.count
+    safe_c = jnp.where(c > 0, c, 1.0)
+    mean = jax.tree.map(lambda m: m / safe_c.astype(m.dtype), mean)
+    second = jax.tree.map(lambda v: v / safe_c.astype(v.dtype), second)
+  var = jax.tree.map(lambda m, v: jnp.maximum(v.astype(m.dtype) - jnp.square(m), 0), mean, second)
+  return mean, var
+
+
+__all__ = ["ScaleByAdaVarState", "mean_variance_from_adam", "scale_by_adavar"]

@@ -1,0 +1,426 @@
+"""Tests of slimoptax.factored (Adafactor) against optax and a numpy re-implementation."""
+
+import math
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import slimoptax
+from slimoptax import labels
+from slimoptax.factored import (
+    decay_rate_constant,
+    decay_rate_pow,
+    resolve_factored_axes,
+    scale_by_adafactor,
+    second_moment_entries,
+)
+
+STEPS = 20
+
+
+def _tree(shapes, seed, scale=1.0, shift=0.0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(shift + scale * rng.normal(size=s), jnp.float32),
+                      shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _grad_seq(shapes, steps=STEPS, seed=10):
+  return [_tree(shapes, seed + k, scale=1.0 + 0.5 * np.sin(k)) for k in range(steps)]
+
+
+def _close(a, b, rtol=2e-5, atol=1e-7, atol_rel=0.0):
+  """allclose; ``atol_rel`` adds an absolute tolerance relative to the largest reference entry
+  (float32 momentum sums cancel near zero, where relative error is meaningless)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  atol = atol + atol_rel * (np.max(np.abs(b)) if b.size else 0.0)
+  np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------
+# A numpy re-implementation of Shazeer & Stern (2018), Alg. 4/5, written with
+# row/column *sums* and the I-divergence closed form V = R C / 1^T R.
+# --------------------------------------------------------------------------
+
+
+class NumpyAdafactor:
+
+  def __init__(self, pairs, *, decay="pow", decay_rate=0.8, step_offset=0, b1=None, eps1=1e-30,
+               eps2=1e-3, d=1.0, param_scale=True, relative_step=False):
+    self.pairs, self.decay, self.decay_rate, self.offset = pairs, decay, decay_rate, step_offset
+    self.b1, self.eps1, self.eps2, self.d = b1, eps1, eps2, d
+    self.param_scale, self.relative_step = param_scale, relative_step
+    self.t = 0
+    self.R, self.C, self.V, self.M = {}, {}, {}, {}
+
+  def beta2(self):
+    if self.decay == "pow":
+      return 1.0 - (self.t - self.offset) ** (-self.decay_rate)
+    return self.decay_rate
+
+  def step(self, grads, params):
+    """grads, params: lists of float arrays (leaf order). Returns the list of updates."""
+    self.t += 1
+    b2 = self.beta2()
+    out = []
+    for i, (g, p, pair) in enumerate(zip(grads, params, self.pairs)):
+      g = np.asarray(g, np.float64)
+      g2 = g**2 + self.eps1
+      if pair is not None:
+        r, c = pair
+        gm = np.moveaxis(g2, (r, c), (-2, -1))  # (*batch, rows, cols)
+        self.R[i] = b2 * self.R.get(i, 0.0) + (1 - b2) * gm.sum(-1)  # row sums
+        self.C[i] = b2 * self.C.get(i, 0.0) + (1 - b2) * gm.sum(-2)  # column sums
+        v_hat = (self.R[i][..., :, None] * self.C[i][..., None, :]
+                 / self.R[i].sum(-1)[..., None, None])
+        v_hat = np.moveaxis(v_hat, (-2, -1), (r, c))
+      else:
+        self.V[i] = b2 * self.V.get(i, 0.0) + (1 - b2) * g2
+        v_hat = self.V[i]
+      u = g / np.sqrt(v_hat)
+      if self.d is not None:
+        u = u / max(1.0, np.sqrt(np.mean(u**2)) / self.d)
+      alpha = 1.0
+      if self.relative_step:
+        alpha *= min(1e-2, 1.0 / np.sqrt(self.t))
+      if self.param_scale:
+        alpha *= max(self.eps2, np.sqrt(np.mean(np.asarray(p, np.float64) ** 2)))
+      u = alpha * u
+      if self.b1 is not None:
+        self.M[i] = self.b1 * self.M.get(i, 0.0) + (1 - self.b1) * u
+        u = self.M[i]
+      out.append(u)
+    return out
+
+  def state_means(self, i, shape):
+    """(v_row, v_col) in slimoptax's layout (means, original axis order)."""
+    r, c = self.pairs[i]
+    row = np.moveaxis(self.R[i] / shape[c], -1, r - (c < r))
+    col = np.moveaxis(self.C[i] / shape[r], -1, c - (r < c))
+    return row, col
+
+
+def _run_lockstep(tx, params, grads, ref: NumpyAdafactor, *, lr=0.05, rtol=2e-5):
+  """Steps ``tx`` (jitted) and the numpy reference on the same gradients and parameters."""
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for g in grads:
+    u, state = step(g, state, params)
+    ref_u = ref.step(jax.tree.leaves(g), jax.tree.leaves(params))
+    for a, b in zip(jax.tree.leaves(u), ref_u):
+      _close(a, b, rtol=rtol, atol=0.0, atol_rel=1e-6)
+    params = optax.apply_updates(params, jax.tree.map(lambda x: -lr * x, u))
+  return state
+
+
+# --------------------------------------------------------------------------
+# Against optax.
+# --------------------------------------------------------------------------
+
+OPTAX_SHAPES = {"enc": {"kernel": (160, 130), "bias": (130,)}, "conv": {"kernel": (2, 140, 129)},
+                "small": {"kernel": (64, 32)}, "t": ()}
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(min_dim_size_to_factor=16, decay_rate=0.9),
+    dict(decay_rate=0.99, decay_rate_fn=decay_rate_constant),
+])
+def test_matches_optax_scale_by_factored_rms(cfg):
+  params = _tree(OPTAX_SHAPES, 0)
+  grads = _grad_seq(OPTAX_SHAPES)
+  ours = scale_by_adafactor(factored_axes=None, clipping_threshold=None,
+                            multiply_by_parameter_scale=False, **cfg)
+  ocfg = dict(cfg)
+  if "decay_rate_fn" in ocfg:
+    ocfg["decay_rate_fn"] = lambda step, rate: jnp.asarray(rate, jnp.float32)
+  theirs = optax.scale_by_factored_rms(**ocfg)
+  s, rs = ours.init(params), theirs.init(params)
+  step, rstep = jax.jit(ours.update), jax.jit(theirs.update)
+  pairs = {p: a for p, _, a in resolve_factored_axes(
+      params, None, min_dim_size_to_factor=cfg.get("min_dim_size_to_factor", 128))}
+  assert pairs["enc/kernel"] == (1, 0) and pairs["conv/kernel"] == (2, 1)
+  assert (pairs["small/kernel"] is None) == ("min_dim_size_to_factor" not in cfg)
+  for g in grads:
+    u, s = step(g, s, params)
+    ru, rs = rstep(g, rs, params)
+    jax.tree.map(lambda a, b: _close(a, b, rtol=1e-5), u, ru)
+    for (path, _), vr, vc, v, rvr, rvc, rv in zip(
+        labels.named_leaves(params), labels.leaves_like(params, s.v_row, what="v_row"),
+        labels.leaves_like(params, s.v_col, what="v_col"), labels.leaves_like(params, s.v, what="v"),
+        jax.tree.leaves(rs.v_row), jax.tree.leaves(rs.v_col), jax.tree.leaves(rs.v)):
+      if pairs[path] is None:
+        assert vr is None and vc is None
+        _close(v, rv, rtol=1e-5)
+      else:
+        assert v is None
+        _close(vr, rvr, rtol=1e-5)
+        _close(vc, rvc, rtol=1e-5)
+  assert int(s.count) == int(rs.count) == STEPS
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_full_adafactor_matches_optax_adafactor(momentum):
+  """clip_by_block_rms -> lr -> param scale -> ema: the same algorithm as optax.adafactor."""
+  lr = 0.05
+  params = _tree(OPTAX_SHAPES, 1)
+  grads = _grad_seq(OPTAX_SHAPES, seed=40)
+  ours = optax.chain(scale_by_adafactor(b1=momentum), optax.scale_by_learning_rate(lr))
+  theirs = optax.adafactor(lr, momentum=momentum)
+  s, rs = ours.init(params), theirs.init(params)
+  step, rstep = jax.jit(ours.update), jax.jit(theirs.update)
+  for g in grads:
+    u, s = step(g, s, params)
+    ru, rs = rstep(g, rs, params)
+    jax.tree.map(lambda a, b: _close(a, b, rtol=2e-5, atol=0.0, atol_rel=1e-6), u, ru)
+    params = optax.apply_updates(params, u)
+
+
+# --------------------------------------------------------------------------
+# Against the numpy re-implementation.
+# --------------------------------------------------------------------------
+
+NP_SHAPES = {"a": (6, 5, 7), "b": (9, 4), "c": (8, 8), "bias": (5,)}
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(b1=0.9, relative_step=True, decay="const", decay_rate=0.95),
+    dict(b1=None, relative_step=False, decay="pow", decay_rate=0.8, d=0.5),
+    dict(b1=0.8, relative_step=False, param_scale=False, d=None),
+])
+def test_matches_numpy_general_axes(cfg):
+  spec = {"a": (2, 0), "b": (1, 0), "c": None, "bias": None}
+  params = _tree(NP_SHAPES, 2, scale=0.02)
+  grads = _grad_seq(NP_SHAPES, seed=70)
+  tx = scale_by_adafactor(
+      cfg.get("decay_rate", 0.8), factored_axes=spec, min_dim_size_to_factor=1, b1=cfg.get("b1"),
+      clipping_threshold=cfg.get("d", 1.0),
+      multiply_by_parameter_scale=cfg.get("param_scale", True),
+      relative_step=cfg.get("relative_step", False),
+      decay_rate_fn=decay_rate_constant if cfg.get("decay") == "const" else decay_rate_pow,
+      step_offset=cfg.get("step_offset", 0))
+  pairs = [a for _, _, a in resolve_factored_axes(params, spec, min_dim_size_to_factor=1)]
+  ref = NumpyAdafactor(pairs, **cfg)
+  state = _run_lockstep(tx, params, grads, ref)
+  leaves = jax.tree.leaves(params)
+  for i, (vr, vc) in enumerate(zip(labels.leaves_like(params, state.v_row, what="v_row"),
+                                   labels.leaves_like(params, state.v_col, what="v_col"))):
+    if pairs[i] is not None:
+      row, col = ref.state_means(i, leaves[i].shape)
+      _close(vr, row, rtol=1e-5)
+      _close(vc, col, rtol=1e-5)
+
+
+def test_step_offset_restarts_the_decay_schedule():
+  """Fine-tuning from a restored count: beta2 restarts at step_offset (as optax's step_offset)."""
+  shapes = {"w": (10, 12), "b": (12,)}
+  params, grads = _tree(shapes, 9), _grad_seq(shapes, seed=9)
+  kw = dict(min_dim_size_to_factor=1, multiply_by_parameter_scale=False)
+  offset = 7
+  tx = scale_by_adafactor(step_offset=offset, **kw)
+  state = tx.init(params)._replace(count=jnp.asarray(offset, jnp.int32))
+  pairs = [a for _, _, a in resolve_factored_axes(params, None, min_dim_size_to_factor=1)]
+  ref = NumpyAdafactor(pairs, param_scale=False)
+  step = jax.jit(tx.update)
+  for g in grads:
+    u, state = step(g, state, params)
+    for a, b in zip(jax.tree.leaves(u), ref.step(jax.tree.leaves(g), jax.tree.leaves(params))):
+      _close(a, b)
+  assert int(state.count) == offset + STEPS
+
+
+def test_rules_with_semantic_axes_match_numpy():
+  """A Rules spec with ("fan_in", "fan_out") resolved per layer from linen/NNX-style paths."""
+  shapes = {"params": {"Dense_0": {"kernel": (12, 10), "bias": (10,)},
+                       "attn": {"query": {"kernel": (10, 2, 5)}, "out": {"kernel": (2, 5, 10)}},
+                       "LayerNorm_0": {"scale": (10,)}}}
+  rules = labels.Rules([
+      (r"query/kernel$", "query", ("fan_in", "head_dim")),
+      (r"attn/out/kernel$", "attn_out", ("head_dim", "fan_out")),
+      (r"Dense_\d+/kernel$", "dense", ("fan_in", "fan_out")),
+      (r"(bias|scale)$", "bias", ()),
+  ])
+  params = _tree(shapes, 3, scale=0.1)
+  resolved = {p: a for p, _, a in resolve_factored_axes(params, rules, min_dim_size_to_factor=1)}
+  assert resolved == {"params/Dense_0/kernel": (0, 1), "params/Dense_0/bias": None,
+                      "params/attn/query/kernel": (0, 2), "params/attn/out/kernel": (1, 2),
+                      "params/LayerNorm_0/scale": None}
+  # The "fan" preset gives the same pairs for these layers.
+  fan = {p: a for p, _, a in resolve_factored_axes(params, "fan", min_dim_size_to_factor=1)}
+  assert fan == resolved
+  tx = scale_by_adafactor(factored_axes=rules, min_dim_size_to_factor=1, b1=0.9)
+  ref = NumpyAdafactor([resolved[p] for p, _ in labels.named_leaves(params)], b1=0.9)
+  _run_lockstep(tx, params, _grad_seq(shapes, seed=90), ref)
+
+
+def test_spec_forms_resolve_alike():
+  shapes = {"params": {"Embed_0": {"embedding": (50, 16)}, "Conv_0": {"kernel": (3, 3, 4, 8)},
+                       "Dense_0": {"kernel": (16, 40), "bias": (40,)}}}
+  params = _tree(shapes, 4)
+  expected = {"params/Conv_0/kernel": (2, 3), "params/Dense_0/bias": None,
+              "params/Dense_0/kernel": (0, 1), "params/Embed_0/embedding": (0, 1)}
+  tree_spec = {"params": {"Embed_0": {"embedding": (0, 1)}, "Conv_0": {"kernel": (-2, -1)},
+                          "Dense_0": {"kernel": (0, 1), "bias": None}}}
+  flat = {"params/Embed_0/embedding": [0, 1], "params/Conv_0/kernel": [2, 3],
+          "params/Dense_0/kernel": [0, 1], "params/Dense_0/bias": None}
+  for spec in ("fan", "last_two", tree_spec, lambda p: tree_spec, flat, lambda p: "fan"):
+    got = {p: a for p, _, a in resolve_factored_axes(params, spec, min_dim_size_to_factor=1)}
+    assert got == expected, spec
+  largest = {p: a for p, _, a in resolve_factored_axes(params, None, min_dim_size_to_factor=1)}
+  assert largest["params/Embed_0/embedding"] == (1, 0)  # optax: row = 2nd largest
+  assert largest["params/Conv_0/kernel"] == (2, 3)
+  # min_dim_size_to_factor applies to every form.
+  got = {p: a for p, _, a in resolve_factored_axes(params, tree_spec, min_dim_size_to_factor=5)}
+  assert got["params/Conv_0/kernel"] is None and got["params/Embed_0/embedding"] == (0, 1)
+
+
+def test_row_col_order_is_symmetric():
+  """V = R C / 1^T R does not depend on which axis is called the row: same updates."""
+  shapes = {"w": (9, 13)}
+  params, grads = _tree(shapes, 5), _grad_seq(shapes, seed=5)
+  out = []
+  for pair in [(0, 1), (1, 0)]:
+    tx = scale_by_adafactor(factored_axes={"w": pair}, min_dim_size_to_factor=1, b1=0.9)
+    s = tx.init(params)
+    step = jax.jit(tx.update)
+    ups = []
+    for g in grads:
+      u, s = step(g, s, params)
+      ups.append(u["w"])
+    out.append((ups, s))
+  for a, b in zip(out[0][0], out[1][0]):
+    _close(a, b, rtol=1e-5)
+  assert out[0][1].v_row["w"].shape == (9,) and out[1][1].v_row["w"].shape == (13,)
+
+
+# --------------------------------------------------------------------------
+# The factored estimate.
+# --------------------------------------------------------------------------
+
+
+def _v_hat(state, path_leaf_pair):
+  (vr, vc), (r, c) = path_leaf_pair
+  r_in_row = r - 1 if r > c else r
+  return (np.expand_dims(vr / vr.mean(axis=r_in_row, keepdims=True), c)
+          * np.expand_dims(vc, r))
+
+
+def test_rank_one_second_moment_is_reproduced_exactly():
+  rng = np.random.default_rng(6)
+  a, b = rng.normal(size=7), rng.normal(size=11)
+  a3, b3 = rng.normal(size=(4, 5)), rng.normal(size=(4, 6))  # one rank-1 slice per batch index
+  params = {"w": jnp.zeros((7, 11)), "w3": jnp.zeros((5, 4, 6))}
+  spec = {"w": (0, 1), "w3": (0, 2)}
+  kw = dict(min_dim_size_to_factor=1, clipping_threshold=None, multiply_by_parameter_scale=False,
+            eps1=0.0, decay_rate=0.9, decay_rate_fn=decay_rate_constant)
+  fac = scale_by_adafactor(factored_axes=spec, **kw)
+  full = scale_by_adafactor(factored_axes={"w": None, "w3": None}, **kw)
+  sf, su = fac.init(params), full.init(params)
+  fstep, ustep = jax.jit(fac.update), jax.jit(full.update)
+  v_np = {"w": 0.0, "w3": 0.0}
+  for k in range(STEPS):
+    scale = 1.0 + 0.7 * np.cos(k)
+    g = {"w": jnp.asarray(scale * np.outer(a, b), jnp.float32),
+         "w3": jnp.asarray(scale * np.einsum("bi,bj->ibj", a3, b3), jnp.float32)}
+    uf, sf = fstep(g, sf, params)
+    uu, su = ustep(g, su, params)
+    for name in ("w", "w3"):
+      # Adam-style EMA of g^2 in float64: the quantity the factored estimate approximates.
+      v_np[name] = 0.9 * v_np[name] + 0.1 * np.asarray(g[name], np.float64) ** 2
+      est = _v_hat(sf, ((np.asarray(sf.v_row[name]), np.asarray(sf.v_col[name])), spec[name]))
+      _close(est, v_np[name], rtol=2e-5, atol=1e-12)
+      _close(su.v[name], v_np[name], rtol=2e-5, atol=1e-12)
+      _close(uf[name], uu[name], rtol=2e-5, atol=1e-7)
+
+
+def test_closed_form_is_the_i_divergence_minimiser():
+  """One step (beta2_1 = 0): V_hat = R C / sum(R) of V = g^2; keeps V's row/column sums."""
+  rng = np.random.default_rng(7)
+  g = rng.normal(size=(6, 9))
+  tx = scale_by_adafactor(factored_axes={"w": (0, 1)}, min_dim_size_to_factor=1, eps1=0.0,
+                          clipping_threshold=None, multiply_by_parameter_scale=False)
+  s = tx.init({"w": jnp.zeros((6, 9))})
+  _, s = jax.jit(tx.update)({"w": jnp.asarray(g, jnp.float32)}, s)
+  est = _v_hat(s, ((np.asarray(s.v_row["w"], np.float64), np.asarray(s.v_col["w"], np.float64)),
+                   (0, 1)))
+  v = g.astype(np.float32).astype(np.float64) ** 2
+  r_sum, c_sum = v.sum(1), v.sum(0)
+  _close(est, np.outer(r_sum, c_sum) / r_sum.sum(), rtol=1e-5)
+  _close(est.sum(1), r_sum, rtol=1e-5)
+  _close(est.sum(0), c_sum, rtol=1e-5)
+
+  def idiv(approx):
+    return np.sum(v * np.log(v / approx) - v + approx)
+
+  best = idiv(est)
+  for _ in range(20):
+    r2 = r_sum * np.exp(0.1 * rng.normal(size=6))
+    c2 = c_sum * np.exp(0.1 * rng.normal(size=9))
+    assert idiv(np.outer(r2, c2) / r_sum.sum()) >= best - 1e-9
+
+
+def test_memory_rows_plus_cols():
+  shapes = {"w": (300, 200), "w3": (4, 256, 128), "small": (100, 3), "bias": (200,)}
+  params = _tree(shapes, 8)
+  state = scale_by_adafactor().init(params)
+  assert state.v_row["w"].size + state.v_col["w"].size == 300 + 200
+  assert state.v_row["w3"].size + state.v_col["w3"].size == 4 * (256 + 128)
+  assert state.v["w"] is None and state.v["w3"] is None
+  assert state.v["small"].size == 300 and state.v["bias"].size == 200
+  kept = sum(x.size for x in jax.tree.leaves((state.v_row, state.v_col, state.v)))
+  assert kept == 500 + 4 * 384 + 300 + 200
+  assert second_moment_entries(params) == (kept, sum(math.prod(s) for s in shapes.values()))
+  assert state.mu is None
+  with_momentum = scale_by_adafactor(b1=0.9).init(params)
+  assert sum(x.size for x in jax.tree.leaves(with_momentum.mu)) == second_moment_entries(params)[1]
+
+
+# --------------------------------------------------------------------------
+# Errors.
+# --------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_parameter():
+  params = {"enc": {"kernel": jnp.ones((4, 4)), "steps": jnp.zeros((2,), jnp.int32)}}
+  with pytest.raises(ValueError, match="'enc/steps'"):
+    scale_by_adafactor().init(params)
+  params = {"enc": {"kernel": jnp.ones((4, 6)), "bias": jnp.ones(6)}}
+  with pytest.raises(ValueError, match="factored_axes.*enc/bias"):
+    scale_by_adafactor(factored_axes={"enc": {"kernel": (0, 1)}}).init(params)
+  with pytest.raises(ValueError, match="'enc/kernel'.*same axis"):
+    scale_by_adafactor(factored_axes={"enc": {"kernel": (1, -1), "bias": None}}).init(params)
+  with pytest.raises(ValueError, match="'enc/kernel'.*expected a \\(row_axis, col_axis\\)"):
+    scale_by_adafactor(factored_axes={"enc": {"kernel": (0,), "bias": None}}).init(params)
+  with pytest.raises(ValueError, match="'enc/kernel'.*out of range"):
+    scale_by_adafactor(factored_axes={"enc": {"kernel": (0, 2), "bias": None}}).init(params)
+  attn = {"attn": {"out": {"kernel": jnp.ones((2, 3, 8))}}}
+  bad_rules = labels.Rules([(r"out/kernel$", "attn_out", ("fan_in", "fan_out"))])
+  with pytest.raises(ValueError, match="'attn/out/kernel'.*spans axes \\(0, 1\\)"):
+    scale_by_adafactor(factored_axes=bad_rules, min_dim_size_to_factor=1).init(attn)
+  one_axis = labels.Rules([(r"kernel$", "dense", ("fan_in",))])
+  with pytest.raises(ValueError, match="exactly two axes"):
+    resolve_factored_axes({"k": {"kernel": jnp.ones((3, 3))}}, one_axis)
+  with pytest.raises(ValueError, match="no rule"):
+    resolve_factored_axes({"x": jnp.ones((3, 3))}, labels.Rules([(r"^y$", "dense", (0, 1))]))
+  with pytest.raises(ValueError, match="unknown factored_axes preset"):
+    resolve_factored_axes(params, "rows")
+  # A state made with other factored axes.
+  tx_a = scale_by_adafactor(factored_axes={"enc": {"kernel": (0, 1), "bias": None}},
+                            min_dim_size_to_factor=1)
+  tx_b = scale_by_adafactor(factored_axes={"enc": {"kernel": (1, 0), "bias": None}},
+                            min_dim_size_to_factor=1)
+  with pytest.raises(ValueError, match="state.v_row of 'enc/kernel'"):
+    tx_b.update(params, tx_a.init(params), params)
+  with pytest.raises(ValueError, match="needs `params`"):
+    scale_by_adafactor().update(params, scale_by_adafactor().init(params))
+
+
+def test_exported():
+  assert slimoptax.scale_by_adafactor is scale_by_adafactor
+  assert slimoptax.resolve_factored_axes is resolve_factored_axes
+  assert isinstance(slimoptax.factored_rules(), slimoptax.Rules)
