@@ -76,7 +76,7 @@ def main():
                   "compile_s": compile_s, "state_bytes": report.state_nbytes,
                   "nu_entries": report.entries}
   for _ in range(args.repeats):  # interleave so both see the same machine load
-    for name, run in runs.items():
+    for run in runs.values():
       t0 = time.perf_counter()
       run["params"], run["state"] = run["compiled"](run["params"], run["state"], grads)
       jax.block_until_ready(run["params"])

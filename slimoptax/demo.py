@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from slimoptax import analysis, diagnostics, nanolm

@@ -12,7 +12,7 @@ from flax import nnx
 
 import slimoptax
 from slimoptax import labels
-from tests.models import LinenCNN, LinenGPT, NNXGPT
+from tests.models import NNXGPT, LinenCNN, LinenGPT
 
 
 def S(*shape):

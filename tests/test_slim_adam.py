@@ -9,7 +9,7 @@ from flax import nnx
 
 import slimoptax
 from slimoptax import labels
-from tests.models import LinenCNN, LinenGPT, NNXGPT, lm_batch
+from tests.models import NNXGPT, LinenCNN, LinenGPT, lm_batch
 
 SHAPES = {"w": (5, 7), "t": (3, 4, 6), "b": (7,), "s": ()}
 
