@@ -187,7 +187,7 @@ LAYER_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"(^|[/.])(kernel|weight|w)$", "dense"),
 )
 
-_ROLE_NAMES = ("fan_in", "fan_out", "heads", "head_dim", "token", "embed", "all")
+_ROLE_NAMES = ("fan_in", "fan_out", "heads", "head_dim", "token", "vocab", "embed", "all")
 
 
 class Reshaped(NamedTuple):
@@ -222,8 +222,8 @@ def axis_roles(
   Returns:
     ``(view_shape, roles)``: the shape the roles refer to (the parameter's own
     shape unless a head view was needed) and a dict from role name
-    (``fan_in``, ``fan_out``, ``heads``, ``head_dim``, ``token``, ``embed``,
-    ``all``) to axes of that view. Roles that do not apply are absent.
+    (``fan_in``, ``fan_out``, ``heads``, ``head_dim``, ``token`` (alias
+    ``vocab``), ``embed``, ``all``) to axes of that view. Roles that do not apply are absent.
   """
   if layer_type not in LAYER_TYPES:
     raise ValueError(
@@ -235,10 +235,11 @@ def axis_roles(
   if ndim < 2 or layer_type in ("norm", "bias", "scalar"):
     return shape, roles
   if layer_type in ("embedding", "pos_embedding"):
-    roles.update(fan_in=(0,), fan_out=tuple(range(1, ndim)), token=(0,), embed=tuple(range(1, ndim)))
+    roles.update(fan_in=(0,), fan_out=tuple(range(1, ndim)), token=(0,), vocab=(0,), embed=tuple(range(1, ndim)))
     return shape, roles
   if layer_type == "head":
-    roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,), embed=tuple(range(ndim - 1)), token=(ndim - 1,))
+    roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,), embed=tuple(range(ndim - 1)),
+                 token=(ndim - 1,), vocab=(ndim - 1,))
     return shape, roles
   if layer_type in ("query", "key", "value"):
     if ndim == 2 and num_heads is not None:

@@ -203,3 +203,34 @@ def test_state_from_other_rules_is_an_error():
   tx = slimoptax.scale_by_slim_adam(compress="slimadam")
   with pytest.raises(ValueError, match=r"'dense/kernel' has shape \(1, 1\) but the compression rules give \(4, 1\)"):
     tx.update(params, state)
+
+
+def test_linen_auto_named_layers():
+  """Flax's default module names (Dense_0, Conv_0, LayerNorm_0, RMSNorm_0, ...) are recognised."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, image):
+      x = nn.Embed(11, 8)(tokens)
+      x = nn.LayerNorm()(x)
+      x = nn.MultiHeadDotProductAttention(num_heads=2)(x)
+      x = nn.RMSNorm()(nn.Dense(8)(x))
+      y = nn.BatchNorm(use_running_average=True)(nn.Conv(3, (2, 2))(image))
+      z = nn.DenseGeneral((2, 4))(x)
+      return x.sum() + y.sum() + z.sum()
+
+  params = Net().init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 4, 4, 1)))["params"]
+  lbl = slimoptax.param_labels(params, "slimadam")
+  assert lbl["Embed_0"]["embedding"] == "embedding"
+  assert lbl["LayerNorm_0"] == {"scale": "norm", "bias": "norm"}
+  assert lbl["RMSNorm_0"]["scale"] == "norm" and lbl["BatchNorm_0"]["scale"] == "norm"
+  assert lbl["MultiHeadDotProductAttention_0"]["query"] == {"kernel": "query", "bias": "bias"}
+  assert lbl["MultiHeadDotProductAttention_0"]["out"]["kernel"] == "attn_out"
+  assert lbl["Dense_0"] == {"kernel": "dense", "bias": "bias"}
+  assert lbl["Conv_0"]["kernel"] == "conv"
+  axes = slimoptax.compression_axes(params, "slimadam")
+  # A generic n-D kernel reads as (*fan_in, fan_out); other DenseGeneral layouts need a rule.
+  assert axes["DenseGeneral_0"]["kernel"] == (2,)
+  assert slimoptax.compression_axes(params, slimoptax.preset("slimadam", overrides={"embedding": ("vocab",)}))[
+      "Embed_0"]["embedding"] == (0,)
