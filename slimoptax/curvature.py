@@ -1,0 +1,576 @@
+"""Diagonal-curvature estimators and Sophia.
+
+Estimators of ``diag(H)`` (``H`` the Hessian of the loss) from one extra
+backward-like pass:
+
+* Hutchinson (`hutchinson_estimate`): ``h = u * (H u)`` with random probes
+  ``u`` (Rademacher or Gaussian), ``E[u u^T] = I`` so ``E[h] = diag(H)``. The
+  Hessian-vector product is forward-over-reverse (``jax.jvp`` of
+  ``jax.grad``). With Rademacher probes ``u_i^2 = 1``, so for a diagonal ``H``
+  one probe is exact.
+* Gauss–Newton–Bartlett (`gnb_estimate`, softmax cross-entropy models): sample
+  labels ``y_hat ~ softmax(f(theta, x))``, take ``g_hat`` the gradient of the
+  mean loss on the sampled labels and return ``B * g_hat * g_hat``. By
+  Bartlett's second identity ``E[grad l grad l^T] = E[hess l]`` under the
+  model's own distribution, so ``E[B g_hat^2] = diag`` of the Gauss–Newton
+  matrix of the mean loss (``B`` the number of averaged loss terms; the
+  cross terms vanish because labels are sampled independently). Always >= 0.
+
+Sophia (`scale_by_hutchinson`, `sophia`) keeps a momentum ``m`` and an EMA
+``h`` of the estimate refreshed every ``k`` steps, and steps by
+
+.. math::
+
+  u_t = \\mathrm{clip}\\left(\\frac{m_t}{\\max(\\gamma h_t, \\epsilon)}, \\rho\\right)
+
+clipped per coordinate (``rho = clip_threshold``, 1 in the paper).
+
+References:
+  Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for
+  Language Model Pre-training <https://arxiv.org/abs/2305.14342>`_, ICLR 2024
+  (Algorithms 1-3).
+  Hutchinson, A stochastic estimator of the trace of the influence matrix for
+  Laplacian smoothing splines, 1990.
+  Bartlett, Approximate confidence intervals, Biometrika 1953.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from slimoptax import labels as labels_lib
+from slimoptax import slim_adam
+
+Compress = Any  # None | str | Rules | mapping | callable | pytree of axes
+
+DISTRIBUTIONS: tuple[str, ...] = ("rademacher", "gaussian")
+ESTIMATORS: tuple[str, ...] = ("hutchinson", "gnb")
+
+# Default gamma of `sophia` per estimator: Sophia-H 0.01 (as optax.contrib.sophia),
+# Sophia-G 0.05 (rho of the official GPT-2 Small SophiaG configuration).
+DEFAULT_GAMMA: dict[str, float] = {"hutchinson": 0.01, "gnb": 0.05}
+
+
+# --------------------------------------------------------------------------
+# Estimators.
+# --------------------------------------------------------------------------
+
+
+def _sampler(distribution: str):
+  if distribution == "rademacher":
+    return jax.random.rademacher
+  if distribution in ("gaussian", "normal"):
+    return jax.random.normal
+  raise ValueError(f"unknown probe distribution {distribution!r}; known: {DISTRIBUTIONS}")
+
+
+def _accepts_out_sharding(fn) -> bool:
+  try:
+    return "out_sharding" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def random_probes(key: chex.PRNGKey, params: Any, distribution: str = "rademacher") -> Any:
+  """Probes ``u`` like ``params``: one key per leaf (``jax.random.split(key, n)``).
+
+  Drawn in float32 and cast to each leaf's dtype; each probe gets the leaf's
+  sharding when the sampler supports it. (The key layout is the one of
+  `optax.tree.random_like`, so a seed gives the same probes as
+  `optax.contrib.hutchinson_estimator_diag_hessian` for float32 parameters.)
+  """
+  sampler = _sampler(distribution)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves)) if leaves else []
+  sharded = _accepts_out_sharding(sampler)
+  out = []
+  for k, p in zip(keys, leaves):
+    if sharded:
+      u = sampler(k, p.shape, jnp.float32, out_sharding=jax.typeof(p).sharding)
+    else:
+      u = sampler(k, p.shape, jnp.float32)
+    out.append(u.astype(p.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def hutchinson_estimate(
+    obj_fn: Callable[[Any], jax.Array],
+    params: Any,
+    key: chex.PRNGKey,
+    *,
+    num_samples: int = 1,
+    distribution: str = "rademacher",
+) -> Any:
+  """Hutchinson's estimate ``u * (H u)`` of the Hessian diagonal, per leaf.
+
+  .. math::
+
+    \\hat h = \\frac{1}{S} \\sum_{s=1}^S u_s \\odot (\\nabla^2 L(\\theta) u_s), \\qquad
+    \\mathbb{E}[\\hat h] = \\mathrm{diag}(\\nabla^2 L(\\theta))
+
+  Args:
+    obj_fn: ``params -> scalar`` loss (close over the batch).
+    params: the point at which the Hessian is taken.
+    key: PRNG key. With ``num_samples=1`` the probe is drawn from ``key``
+      itself (`random_probes`); otherwise from ``jax.random.split(key,
+      num_samples)``.
+    num_samples: probes averaged (summed in a `jax.lax.scan`, so memory does
+      not grow with it).
+    distribution: ``"rademacher"`` (``u_i = +-1``: lower variance, exact for
+      diagonal ``H``) or ``"gaussian"`` (the paper's ``N(0, I)``).
+
+  Returns:
+    A pytree like ``params``. Entries may be negative (indefinite ``H`` or
+    noise).
+
+  Example:
+    >>> h = slimoptax.hutchinson_estimate(lambda p: loss(p, batch), params, key)
+  """
+  _sampler(distribution)
+  if int(num_samples) < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  grad_fn = jax.grad(obj_fn)
+
+  def one(k):
+    u = random_probes(k, params, distribution)
+    hu = jax.jvp(grad_fn, (params,), (u,))[1]
+    return jax.tree.map(lambda a, b: (a * b).astype(b.dtype), hu, u)
+
+  if num_samples == 1:
+    return one(key)
+
+  def body(acc, k):
+    est = one(k)
+    return jax.tree.map(lambda a, e: a + e.astype(a.dtype), acc, est), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+  total, _ = jax.lax.scan(body, zeros, jax.random.split(key, num_samples))
+  return jax.tree.map(lambda t, p: (t / num_samples).astype(p.dtype), total, params)
+
+
+def gnb_estimate(
+    logits_fn: Callable[[Any], jax.Array],
+    params: Any,
+    key: chex.PRNGKey,
+    *,
+    batch_size: int | None = None,
+) -> Any:
+  """Gauss–Newton–Bartlett estimate ``B * g_hat * g_hat`` for softmax cross-entropy.
+
+  .. math::
+
+    \\hat y_b \\sim \\mathrm{softmax}(f(\\theta, x_b)), \\quad
+    \\hat g = \\nabla_\\theta \\frac{1}{B} \\sum_b \\ell(f(\\theta, x_b), \\hat y_b), \\quad
+    \\hat h = B \\, \\hat g \\odot \\hat g
+
+  One forward and one backward pass (`jax.vjp`; the cross-entropy gradient
+  w.r.t. the logits is ``(softmax - onehot(y_hat)) / N``).
+
+  Args:
+    logits_fn: ``params -> logits`` of shape ``(..., classes)``; every leading
+      position is one loss term (all tokens of an LM batch), averaged.
+    params: the parameters.
+    key: PRNG key for the sampled labels.
+    batch_size: the ``B`` multiplying ``g_hat^2``; default the number of
+      averaged loss terms (``prod(logits.shape[:-1])``), which makes ``E[h_hat]``
+      the Gauss–Newton diagonal of the mean loss (the official code passes
+      ``bs = batch * block_size`` tokens, the same thing).
+
+  Returns:
+    A pytree like ``params`` of non-negative estimates.
+  """
+  logits, vjp_fn = jax.vjp(logits_fn, params)
+  if logits.ndim < 1:
+    raise ValueError(f"logits_fn must return (..., classes) logits, got shape {logits.shape}")
+  n = math.prod(logits.shape[:-1])
+  logits32 = jax.lax.stop_gradient(logits).astype(jnp.float32)
+  sampled = jax.random.categorical(key, logits32, axis=-1)
+  probs = jax.nn.softmax(logits32, axis=-1)
+  dlogits = (probs - jax.nn.one_hot(sampled, logits.shape[-1], dtype=jnp.float32)) / n
+  (g,) = vjp_fn(dlogits.astype(logits.dtype))
+  scale = float(n if batch_size is None else batch_size)
+  return jax.tree.map(lambda x: (scale * jnp.square(x.astype(jnp.float32))).astype(x.dtype), g)
+
+
+# --------------------------------------------------------------------------
+# Sophia.
+# --------------------------------------------------------------------------
+
+
+class ScaleByHutchinsonState(NamedTuple):
+  """State of `scale_by_hutchinson`.
+
+  Attributes:
+    count: number of updates applied (int32 scalar).
+    key: PRNG key (``jax.random.PRNGKey`` layout) for the next estimate.
+    mu: momentum, same shapes as the parameters.
+    h: EMA of the diagonal-curvature estimate, averaged over the compression
+      axes (kept as size-1 dims; for a `labels.Reshaped` view, the view's
+      shape reduced). Not clamped: it may hold negative values (see
+      `scale_by_hutchinson`).
+    win_rate: fraction of coordinates whose last update was *not* clipped,
+      ``|m / max(gamma h, eps)| < clip_threshold`` (float32 scalar; the paper
+      suggests it stays between 0.1 and 0.5).
+  """
+
+  count: chex.Array
+  key: chex.Array
+  mu: optax.Updates
+  h: optax.Updates
+  win_rate: chex.Array
+
+
+def _mean_over(x: jax.Array, axes: labels_lib.Axes | labels_lib.Reshaped) -> jax.Array:
+  """Mean over ``axes`` with kept dims (in ``x``'s view), like `slim_adam.mean_square`."""
+  if isinstance(axes, labels_lib.Reshaped):
+    x = x.reshape(axes.shape)
+    axes = axes.axes
+  if not axes:
+    return x
+  return jnp.mean(x, axis=axes, keepdims=True)
+
+
+def _divide(m: jax.Array, den: jax.Array, axes) -> jax.Array:
+  if isinstance(axes, labels_lib.Reshaped):
+    return (m.reshape(axes.shape) / den).reshape(m.shape)
+  return m / den
+
+
+def _resolve(tree: Any, compress: Compress, num_heads: int | None, *, warn: bool):
+  return [a for _, _, a in labels_lib.resolve_axes_spec(
+      tree, compress, what="compress", num_heads=num_heads, warn=warn)]
+
+
+def sophia_win_rate(opt_state: Any) -> jax.Array:
+  """The ``win_rate`` of the (first) `ScaleByHutchinsonState` inside ``opt_state``.
+
+  Works on a bare state, a chain / partition / masked state (e.g. `sophia`'s).
+  """
+  found = []
+
+  def visit(x):
+    if isinstance(x, ScaleByHutchinsonState):
+      found.append(x)
+      return True
+    return False
+
+  jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
+  if not found:
+    raise ValueError("no ScaleByHutchinsonState in this optimizer state")
+  return found[0].win_rate
+
+
+def scale_by_hutchinson(
+    b1: ArrayLike = 0.965,
+    b2: ArrayLike = 0.99,
+    gamma: ArrayLike = 0.01,
+    eps: ArrayLike = 1e-12,
+    *,
+    update_every: int = 10,
+    estimator: str | Callable[..., Any] = "hutchinson",
+    clip_threshold: ArrayLike = 1.0,
+    compress: Compress = None,
+    seed: int | chex.PRNGKey = 0,
+    num_samples: int = 1,
+    distribution: str = "rademacher",
+    gnb_batch_size: int | None = None,
+    bias_correction: bool = False,
+    fresh_estimate: bool = False,
+    mu_dtype: Any = None,
+    h_dtype: Any = None,
+    num_heads: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Sophia's clipped diagonal-Newton direction.
+
+  .. math::
+
+    m_t = \\beta_1 m_{t-1} + (1-\\beta_1) g_t, \\qquad
+    h_t = \\beta_2 h_{t-k} + (1-\\beta_2)\\,\\mathbb{E}_K[\\hat h_t]
+    \\ \\text{every } k \\text{ steps}, \\qquad
+    u_t = \\mathrm{clip}\\!\\left(\\frac{m_t}{\\max(\\gamma h_t, \\epsilon)},
+    \\rho\\right)
+
+  The estimate ``h_hat`` is refreshed at steps 1, k+1, 2k+1, ... (the paper's
+  ``t mod k = 1``). Its objective is passed to ``update`` as a keyword extra
+  argument, named as in `optax.contrib.sophia`: ``obj_fn`` (``params ->
+  loss``) for ``"hutchinson"``, ``logits_fn`` (``params -> logits``) for
+  ``"gnb"``; they are only called on refresh steps (inside `jax.lax.cond`).
+
+  Ordering: by default (``fresh_estimate=False``) step ``t`` uses ``h`` as it
+  was before step ``t``'s refresh, like the official SophiaG code (the Hessian
+  EMA is updated after ``optimizer.step()``) and `optax.contrib.sophia`;
+  the first steps, with ``h = 0``, are clipped sign steps. Algorithm 3 of the
+  paper refreshes first and uses the new ``h`` in the same step:
+  ``fresh_estimate=True``.
+
+  Negative curvature: Hutchinson estimates of an indefinite Hessian can be
+  negative, and so can ``h``. The EMA is kept unclamped (an unbiased running
+  average in which noisy negative samples cancel positive ones), and the
+  denominator is ``max(gamma h, eps)``, which is positive whenever ``eps >
+  0`` (required): a coordinate with ``h <= eps / gamma`` gets ``m / eps``,
+  clipped to ``+-clip_threshold`` -- a sign-descent step of the right sign
+  and bounded size, never a step uphill or an exploding one. Clipping is
+  therefore mandatory (``clip_threshold`` must be a positive number).
+
+  Args:
+    b1: momentum decay (0.965 in the official GPT-2 configurations; the paper
+      states 0.96).
+    b2: EMA decay of ``h`` per refresh (effectively ``1 - (1 - b2)/k`` per
+      step).
+    gamma: scales ``h`` in the denominator (the official code's ``rho``).
+    eps: floor of the denominator (> 0; 1e-12 in the paper).
+    update_every: ``k``, steps between curvature refreshes.
+    estimator: ``"hutchinson"`` (`hutchinson_estimate`), ``"gnb"``
+      (`gnb_estimate`), or a callable ``(params, key, **extra_args) ->
+      pytree`` receiving the update's extra arguments.
+    clip_threshold: per-coordinate clip ``rho`` (1 in the paper).
+    compress: averages ``h`` over axes per parameter, as SlimAdam does for the
+      second moment (same forms: ``None``, a preset name such as
+      ``"slimadam"``, `slimoptax.Rules`, a callable, or a pytree of int axes
+      / `slimoptax.Reshaped`). The estimate is averaged over those axes
+      before the EMA; ``h`` is stored with them reduced (`labels.reduced_shape`).
+    seed: int seed or PRNG key of the probe / label sampling.
+    num_samples: Hutchinson probes per refresh.
+    distribution: Hutchinson probe distribution (``"rademacher"`` or
+      ``"gaussian"``).
+    gnb_batch_size: ``B`` of the GNB estimator (default: number of logits
+      rows, see `gnb_estimate`).
+    bias_correction: divide ``m`` by ``1 - b1^t`` (as `optax.contrib.sophia`
+      does; the paper and the official code do not).
+    fresh_estimate: use step ``t``'s refreshed ``h`` in step ``t`` (Algorithm 3)
+      instead of from step ``t + 1`` on (official code, optax).
+    mu_dtype: momentum dtype (default: the parameters').
+    h_dtype: dtype of ``h`` (default: the parameters').
+    num_heads: attention head count for presets that need it.
+
+  Returns:
+    A `optax.GradientTransformationExtraArgs` with state
+    `ScaleByHutchinsonState`; ``update(updates, state, params, obj_fn=...)``.
+
+  Example:
+    >>> tx = optax.chain(slimoptax.scale_by_hutchinson(), optax.scale(-1e-3))
+    >>> updates, state = tx.update(grads, state, params,
+    ...                            obj_fn=lambda p: loss(p, batch))
+
+  References:
+    Liu et al., Sophia, ICLR 2024 (Algorithm 3).
+  """
+  if not callable(estimator) and estimator not in ESTIMATORS:
+    raise ValueError(f"unknown estimator {estimator!r}; known: {ESTIMATORS} or a callable")
+  _sampler(distribution)
+  if clip_threshold is None:
+    raise ValueError(
+        "clip_threshold=None is not supported: the clip is what bounds the step where the "
+        "curvature estimate is <= 0; pass a positive threshold (1.0 in the paper)")
+  for name, value in (("eps", eps), ("clip_threshold", clip_threshold), ("update_every", update_every)):
+    try:
+      concrete = float(np.asarray(value))
+    except Exception:  # traced: cannot check here
+      continue
+    if not concrete > 0:
+      raise ValueError(f"{name} must be > 0, got {value}")
+  if int(update_every) != update_every:
+    raise ValueError(f"update_every must be an integer, got {update_every}")
+  update_every = int(update_every)
+  mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
+  h_dtype = jax.dtypes.canonicalize_dtype(h_dtype) if h_dtype is not None else None
+
+  def estimate(params, key, extra_args):
+    if callable(estimator):
+      return estimator(params, key, **extra_args)
+    if estimator == "hutchinson":
+      obj_fn = extra_args.get("obj_fn")
+      if obj_fn is None:
+        raise ValueError(
+            "scale_by_hutchinson with estimator='hutchinson' needs the objective: "
+            "update(updates, state, params, obj_fn=lambda p: loss(p, batch))")
+      return hutchinson_estimate(obj_fn, params, key, num_samples=num_samples,
+                                 distribution=distribution)
+    logits_fn = extra_args.get("logits_fn")
+    if logits_fn is None:
+      raise ValueError(
+          "scale_by_hutchinson with estimator='gnb' needs the model's logits: "
+          "update(updates, state, params, logits_fn=lambda p: model_logits(p, batch))")
+    return gnb_estimate(logits_fn, params, key, batch_size=gnb_batch_size)
+
+  def init_fn(params):
+    labels_lib.check_float_params(params)
+    axes = _resolve(params, compress, num_heads, warn=True)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    key = (jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer))
+           else jnp.asarray(seed))
+    return ScaleByHutchinsonState(
+        count=jnp.zeros([], jnp.int32),
+        key=key,
+        mu=jax.tree_util.tree_unflatten(
+            treedef, [jnp.zeros(p.shape, mu_dtype or p.dtype) for p in leaves]),
+        h=jax.tree_util.tree_unflatten(
+            treedef, [jnp.zeros(labels_lib.reduced_shape(p.shape, a), h_dtype or p.dtype)
+                      for p, a in zip(leaves, axes)]),
+        win_rate=jnp.zeros([], jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("scale_by_hutchinson needs params: update(updates, state, params, ...)")
+    axes = _resolve(updates, compress, num_heads, warn=False)
+    g_leaves, treedef = jax.tree_util.tree_flatten(updates)
+    for (path, _), h, a, g in zip(labels_lib.named_leaves(updates), treedef.flatten_up_to(state.h),
+                                  axes, g_leaves):
+      expected = labels_lib.reduced_shape(g.shape, a)
+      if tuple(h.shape) != expected:
+        raise ValueError(
+            f"curvature EMA of {path!r} has shape {tuple(h.shape)} but the compression rules give "
+            f"{expected}: the state was created with other rules (or for other parameters)")
+
+    def refresh(key, h_tree):
+      key, sub = jax.random.split(key)
+      est = estimate(params, sub, extra_args)
+      est_leaves = treedef.flatten_up_to(est)
+      h_leaves = treedef.flatten_up_to(h_tree)
+      new_h = [(b2 * h + (1 - b2) * _mean_over(e, a).astype(h.dtype)).astype(h.dtype)
+               for h, e, a in zip(h_leaves, est_leaves, axes)]
+      return key, jax.tree_util.tree_unflatten(treedef, new_h)
+
+    do_refresh = jnp.equal(state.count % update_every, 0)
+    keep = lambda key, h_tree: (key, h_tree)
+    key, h_tree = state.key, state.h
+    if fresh_estimate:
+      key, h_tree = jax.lax.cond(do_refresh, refresh, keep, key, h_tree)
+
+    count_inc = optax.safe_increment(state.count)
+    mu_leaves = treedef.flatten_up_to(state.mu)
+    h_leaves = treedef.flatten_up_to(h_tree)
+    c1 = 1 - jnp.asarray(b1, jnp.float32) ** count_inc
+    new_u, new_mu = [], []
+    not_clipped = jnp.zeros([], jnp.float32)
+    total = 0
+    for g, m, h, a in zip(g_leaves, mu_leaves, h_leaves, axes):
+      m = b1 * m + (1 - b1) * g
+      m_hat = m / c1.astype(m.dtype) if bias_correction else m
+      den = jnp.maximum(gamma * h, eps)
+      ratio = _divide(m_hat, den, a)
+      not_clipped += jnp.sum(jnp.abs(ratio) < clip_threshold).astype(jnp.float32)
+      total += math.prod(g.shape)
+      new_u.append(jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype))
+      new_mu.append(m.astype(mu_dtype or m.dtype))
+    win_rate = not_clipped / max(total, 1)
+
+    if not fresh_estimate:
+      key, h_tree = jax.lax.cond(do_refresh, refresh, keep, key, h_tree)
+
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    return unflat(new_u), ScaleByHutchinsonState(
+        count=count_inc, key=key, mu=unflat(new_mu), h=h_tree, win_rate=win_rate)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sophia(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.965,
+    b2: ArrayLike = 0.99,
+    gamma: ArrayLike | None = None,
+    eps: ArrayLike = 1e-12,
+    weight_decay: ArrayLike = 0.2,
+    *,
+    update_every: int = 10,
+    estimator: str | Callable[..., Any] = "hutchinson",
+    clip_threshold: ArrayLike = 1.0,
+    weight_decay_mask: Any = None,
+    compress: Compress = None,
+    seed: int | chex.PRNGKey = 0,
+    num_samples: int = 1,
+    distribution: str = "rademacher",
+    gnb_batch_size: int | None = None,
+    bias_correction: bool = False,
+    fresh_estimate: bool = False,
+    mu_dtype: Any = None,
+    h_dtype: Any = None,
+    num_heads: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Sophia with decoupled weight decay (Sophia-H by default, Sophia-G with ``estimator="gnb"``).
+
+  .. math::
+
+    \\theta_{t+1} = \\theta_t - \\eta_t \\left(\\mathrm{clip}\\left(
+    \\frac{m_t}{\\max(\\gamma h_t, \\epsilon)}, 1\\right) + \\lambda \\theta_t\\right)
+
+  Defaults are the reference GPT-2 settings: ``b1 = 0.965``, ``b2 = 0.99``,
+  ``k = update_every = 10``, ``eps = 1e-12``, weight decay 0.2, clip 1,
+  ``gamma`` 0.01 for Hutchinson (Sophia-H, as `optax.contrib.sophia`) and 0.05
+  for GNB (``rho`` of the official GPT-2 Small SophiaG config), see
+  `DEFAULT_GAMMA`. The paper's GPT-2 runs also clip gradients by global norm
+  1.0: chain `optax.clip_by_global_norm` in front if you want that. Pass the
+  objective to ``update`` (``obj_fn=`` or ``logits_fn=``), see
+  `scale_by_hutchinson`.
+
+  Args:
+    learning_rate: a float or an optax schedule (the official GPT-2 Small
+      SophiaG run peaks at 6e-4 to 7e-4 with cosine decay).
+    b1: momentum decay.
+    b2: curvature EMA decay (per refresh).
+    gamma: ``None`` for `DEFAULT_GAMMA` of the estimator (0.01 for a callable
+      estimator), or a value.
+    eps: denominator floor (> 0).
+    weight_decay: decoupled weight decay, multiplied by the learning rate.
+    update_every: ``k``.
+    estimator: ``"hutchinson"``, ``"gnb"`` or a callable, see
+      `scale_by_hutchinson`.
+    clip_threshold: per-coordinate clip.
+    weight_decay_mask: which parameters decay: default
+      `slimoptax.slim_adam.default_weight_decay_mask` (``ndim >= 2``, as the
+      official nanoGPT-based code; `optax.contrib.sophia` decays all).
+    compress: compression axes of ``h``, see `scale_by_hutchinson`.
+    seed: probe / label seed.
+    num_samples: Hutchinson probes per refresh.
+    distribution: Hutchinson probe distribution.
+    gnb_batch_size: ``B`` of the GNB estimator.
+    bias_correction: bias-correct ``m`` (as optax).
+    fresh_estimate: Algorithm 3's ordering, see `scale_by_hutchinson`.
+    mu_dtype: momentum dtype.
+    h_dtype: curvature EMA dtype.
+    num_heads: head count for presets that need it.
+
+  Returns:
+    A `optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> tx = slimoptax.sophia(6e-4)
+    >>> updates, state = tx.update(grads, state, params, obj_fn=lambda p: loss(p, batch))
+    >>> slimoptax.sophia_win_rate(state)
+
+  References:
+    Liu et al., Sophia, ICLR 2024; official code
+    <https://github.com/Liuhong99/Sophia> (GPT-2 Small config).
+  """
+  if gamma is None:
+    gamma = DEFAULT_GAMMA.get(estimator, 0.01) if isinstance(estimator, str) else 0.01
+  return optax.chain(
+      scale_by_hutchinson(
+          b1, b2, gamma, eps, update_every=update_every, estimator=estimator,
+          clip_threshold=clip_threshold, compress=compress, seed=seed, num_samples=num_samples,
+          distribution=distribution, gnb_batch_size=gnb_batch_size,
+          bias_correction=bias_correction, fresh_estimate=fresh_estimate, mu_dtype=mu_dtype,
+          h_dtype=h_dtype, num_heads=num_heads),
+      optax.add_decayed_weights(
+          weight_decay,
+          slim_adam.default_weight_decay_mask if weight_decay_mask is None else weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+__all__ = [
+    "DEFAULT_GAMMA", "DISTRIBUTIONS", "ESTIMATORS", "ScaleByHutchinsonState", "gnb_estimate",
+    "hutchinson_estimate", "random_probes", "scale_by_hutchinson", "sophia", "sophia_win_rate",
+]
