@@ -334,25 +334,29 @@ def second_moments_kept(shapes: Mapping[str, Sequence[int]], rules: Any) -> tupl
 # --------------------------------------------------------------------------
 
 
-def _pyplot():
-  import matplotlib
+def _subplots(rows: int, cols: int, *, figsize):
+  """A figure and its axes grid without pyplot (no global backend switch in notebooks)."""
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
+  fig = Figure(figsize=figsize)
+  axs = fig.subplots(rows, cols, squeeze=False)
+  return fig, axs
 
 
 def plot_trajectories(history, path: str, *, names: Sequence[str] | None = None, max_panels: int = 12) -> None:
   """PNG: SNR_K vs step, one panel per parameter, one line per candidate K."""
-  plt = _pyplot()
-  names = list(names) if names is not None else [n for n in history if any(
-      len(c) > 0 for c in history[n]) and len(history[n]) > 1][:max_panels]
-  if not names:
-    names = list(history)[:max_panels]
+  if names is None:
+    # One parameter per layer-type group (the first layer), as in the paper's Fig. 2.
+    seen, names = set(), []
+    for n in history:
+      group, _ = depth_group(n)
+      if group not in seen:
+        seen.add(group)
+        names.append(n)
+  names = list(names)[:max_panels]
   cols = min(4, len(names))
   rows = math.ceil(len(names) / cols)
-  fig, axs = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+  fig, axs = _subplots(rows, cols, figsize=(4 * cols, 3 * rows))
   for ax, name in zip(axs.flat, names):
     for c, pts in history[name].items():
       if pts:
@@ -368,12 +372,12 @@ def plot_trajectories(history, path: str, *, names: Sequence[str] | None = None,
   fig.suptitle("SNR_K of Adam's second moments (dashed: cutoff 1)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_depth(table: SNRTable, path: str) -> None:
   """PNG: time-averaged SNR vs layer index, one panel per layer-type group."""
-  plt = _pyplot()
+  from matplotlib.ticker import MaxNLocator
+
   groups: dict[str, dict[tuple[int, ...], list[tuple[int, float]]]] = {}
   for name, per in table.items():
     group, idx = depth_group(name)
@@ -386,8 +390,9 @@ def plot_depth(table: SNRTable, path: str) -> None:
     groups = {"(no layered parameters)": {}}
   cols = min(4, len(groups))
   rows = math.ceil(len(groups) / cols)
-  fig, axs = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+  fig, axs = _subplots(rows, cols, figsize=(4 * cols, 3 * rows))
   for ax, (group, per) in zip(axs.flat, groups.items()):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for c, pts in per.items():
       pts = sorted(pts)
       ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", label=f"K={c}")
@@ -402,7 +407,6 @@ def plot_depth(table: SNRTable, path: str) -> None:
   fig.suptitle("time-averaged SNR_K by depth")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 __all__ = [

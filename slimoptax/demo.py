@@ -181,8 +181,8 @@ def _summary_md(summary) -> str:
 
 
 def _plot_losses(runs, path) -> None:
-  plt = analysis._pyplot()
-  fig, axs = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axs = analysis._subplots(1, 2, figsize=(11, 4))
+  axs = axs[0]
   for name, r in runs.items():
     if r["train_curve"]:
       s, v = zip(*r["train_curve"])
@@ -196,7 +196,6 @@ def _plot_losses(runs, path) -> None:
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
