@@ -80,3 +80,7 @@ from slimoptax.curvature import (
 )
 
 __version__ = "0.1.0"
+# --- sharding, checkpoints (issue 5) ---
+from slimoptax import checkpoint, sharding
+from slimoptax.checkpoint import StateMismatchError, restore_state
+from slimoptax.sharding import abstract_sharded_state, init_sharded, state_shardings

@@ -288,10 +288,11 @@ def _recognizers(axes_by_type: Mapping[str, Any] | None = None) -> list["Rule"]:
     axes = () if axes_by_type is None else axes_by_type[ltype]
     min_ndim = 0 if ltype in _VECTOR_TYPES else 2
     rules.append(Rule(pattern, ltype, axes, warn_unused=False, min_ndim=min_ndim))
-  # Catch-alls: vectors and scalars that no recognizer names.
-  rules.append(Rule(r".", "bias", () if axes_by_type is None else axes_by_type["bias"],
+  # Catch-alls: vectors and scalars that no recognizer names ("^" also matches the
+  # empty path of a bare array).
+  rules.append(Rule(r"^", "bias", () if axes_by_type is None else axes_by_type["bias"],
                     warn_unused=False, min_ndim=1, max_ndim=1))
-  rules.append(Rule(r".", "scalar", (), warn_unused=False, max_ndim=0))
+  rules.append(Rule(r"^", "scalar", (), warn_unused=False, max_ndim=0))
   return rules
 
 
@@ -438,9 +439,11 @@ class Rules:
           matched, idx = rule, i
           break
       if matched is None:
+        hint = (" (the parameter tree is a bare array, whose path is empty: no layer type can be "
+                "read from it; give integer axes or wrap it in a dict)") if path == "" else ""
         raise ValueError(
             f"no rule of {self.name!r} matches parameter {path!r} with shape {shape}; add a rule "
-            "for it (nothing is left uncompressed silently)"
+            f"for it (nothing is left uncompressed silently){hint}"
         )
       used.add(idx)
       out.append((path, shape, matched, _resolve_axes(matched, path, shape, self.num_heads)))
@@ -730,7 +733,7 @@ def preset(
   uniform = {table[t] for t in LAYER_TYPES if t != "scalar"}
   if len(uniform) == 1:
     # The preset treats every layer type alike (adam, adalayer): any tensor will do.
-    rules.append(Rule(r".", "dense", uniform.pop(), warn_unused=False, min_ndim=2))
+    rules.append(Rule(r"^", "dense", uniform.pop(), warn_unused=False, min_ndim=2))
   return Rules(rules, name=key, num_heads=num_heads)
 
 

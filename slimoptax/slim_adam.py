@@ -142,14 +142,19 @@ def scale_by_slim_adam(
     del params
     axes = _resolve(updates, compress, num_heads, warn=False)
     g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    mu_leaves = treedef.flatten_up_to(state.mu)
-    nu_leaves = treedef.flatten_up_to(state.nu)
+    mu_leaves = labels_lib.leaves_like(updates, state.mu, what="state.mu")
+    nu_leaves = labels_lib.leaves_like(updates, state.nu, what="state.nu")
     count_inc = optax.safe_increment(state.count)
     c1 = 1 - jnp.asarray(b1, jnp.float32) ** count_inc
     c2 = 1 - jnp.asarray(b2, jnp.float32) ** count_inc
     new_u, new_mu, new_nu = [], [], []
     for (path, _), g, m, v, a in zip(labels_lib.named_leaves(updates), g_leaves, mu_leaves,
                                      nu_leaves, axes):
+      mu_prev, nu_prev = m, v
+      if tuple(m.shape) != tuple(g.shape):
+        raise ValueError(
+            f"first moment of {path!r} has shape {tuple(m.shape)} but the update has "
+            f"{tuple(g.shape)}: the state was created for other parameters")
       expected = labels_lib.reduced_shape(g.shape, a)
       if tuple(v.shape) != expected:
         raise ValueError(
@@ -165,8 +170,9 @@ def scale_by_slim_adam(
         m_hat = m / c1.astype(m.dtype)
       v_hat = v / c2.astype(v.dtype)
       new_u.append(_precondition(m_hat, v_hat, a, eps).astype(g.dtype))
-      new_mu.append(m.astype(mu_dtype or m.dtype))
-      new_nu.append(v.astype(nu_dtype or v.dtype))
+      # The state keeps its dtype (array-valued betas must not promote a bf16 state).
+      new_mu.append(m.astype(mu_dtype or mu_prev.dtype))
+      new_nu.append(v.astype(nu_dtype or nu_prev.dtype))
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflat(new_u), ScaleBySlimAdamState(count=count_inc, mu=unflat(new_mu), nu=unflat(new_nu))
 
