@@ -336,3 +336,13 @@ def test_bare_array_parameters_counters_stay_replicated():
   state = jax.eval_shape(tx.init, params)
   exact = _index_tree(sh._param_index_optax(tx, state, params))
   assert exact == {"0/count": -1, "0/mu": 0, "0/nu": 0}
+
+
+def test_readme_sections_are_the_tested_docs():
+  """The README's sharded-training and checkpointing code is the code the 8-device test runs."""
+  from tests._sharded_worker import DOCS, doc_code_blocks
+
+  readme = os.path.join(os.path.dirname(DOCS), os.pardir, "README.md")
+  readme_blocks = doc_code_blocks(readme)
+  doc_blocks = doc_code_blocks(DOCS)
+  assert doc_blocks and all(block in readme_blocks for block in doc_blocks)
