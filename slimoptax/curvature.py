@@ -379,9 +379,14 @@ def scale_by_hutchinson(
       continue
     if not concrete > 0:
       raise ValueError(f"{name} must be > 0, got {value}")
-  if int(update_every) != update_every:
-    raise ValueError(f"update_every must be an integer, got {update_every}")
-  update_every = int(update_every)
+  try:
+    concrete_every = int(update_every)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    concrete_every = None  # traced (optax.inject_hyperparams under jit): used as an array
+  if concrete_every is not None:
+    if concrete_every != update_every:
+      raise ValueError(f"update_every must be an integer, got {update_every}")
+    update_every = concrete_every
   mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
   h_dtype = jax.dtypes.canonicalize_dtype(h_dtype) if h_dtype is not None else None
 
@@ -407,8 +412,10 @@ def scale_by_hutchinson(
     labels_lib.check_float_params(params)
     axes = _resolve(params, compress, num_heads, warn=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    key = (jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer))
-           else jnp.asarray(seed))
+    # An integer scalar (also an array: optax.inject_hyperparams) is a seed, else a key.
+    is_seed = isinstance(seed, (int, np.integer)) or (
+        jnp.ndim(seed) == 0 and jnp.issubdtype(jnp.result_type(seed), jnp.integer))
+    key = jax.random.PRNGKey(seed) if is_seed else jnp.asarray(seed)
     return ScaleByHutchinsonState(
         count=jnp.zeros([], jnp.int32),
         key=key,
@@ -425,8 +432,14 @@ def scale_by_hutchinson(
       raise ValueError("scale_by_hutchinson needs params: update(updates, state, params, ...)")
     axes = _resolve(updates, compress, num_heads, warn=False)
     g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    for (path, _), h, a, g in zip(labels_lib.named_leaves(updates), treedef.flatten_up_to(state.h),
-                                  axes, g_leaves):
+    paths = [path for path, _ in labels_lib.named_leaves(updates)]
+    mu_leaves = labels_lib.leaves_like(updates, state.mu, what="state.mu")
+    h_state_leaves = labels_lib.leaves_like(updates, state.h, what="state.h")
+    for path, m, h, a, g in zip(paths, mu_leaves, h_state_leaves, axes, g_leaves):
+      if tuple(m.shape) != tuple(g.shape):
+        raise ValueError(
+            f"momentum of {path!r} has shape {tuple(m.shape)} but the update has "
+            f"{tuple(g.shape)}: the state was created for other parameters")
       expected = labels_lib.reduced_shape(g.shape, a)
       if tuple(h.shape) != expected:
         raise ValueError(
@@ -436,7 +449,7 @@ def scale_by_hutchinson(
     def refresh(key, h_tree):
       key, sub = jax.random.split(key)
       est = estimate(params, sub, extra_args)
-      est_leaves = treedef.flatten_up_to(est)
+      est_leaves = labels_lib.leaves_like(updates, est, what="curvature estimate")
       h_leaves = treedef.flatten_up_to(h_tree)
       new_h = [(b2 * h + (1 - b2) * _mean_over(e, a).astype(h.dtype)).astype(h.dtype)
                for h, e, a in zip(h_leaves, est_leaves, axes)]
@@ -449,21 +462,21 @@ def scale_by_hutchinson(
       key, h_tree = jax.lax.cond(do_refresh, refresh, keep, key, h_tree)
 
     count_inc = optax.safe_increment(state.count)
-    mu_leaves = treedef.flatten_up_to(state.mu)
     h_leaves = treedef.flatten_up_to(h_tree)
     c1 = 1 - jnp.asarray(b1, jnp.float32) ** count_inc
     new_u, new_mu = [], []
     not_clipped = jnp.zeros([], jnp.float32)
     total = 0
-    for g, m, h, a in zip(g_leaves, mu_leaves, h_leaves, axes):
-      m = b1 * m + (1 - b1) * g
+    for g, mu_prev, h, a in zip(g_leaves, mu_leaves, h_leaves, axes):
+      m = b1 * mu_prev + (1 - b1) * g
       m_hat = m / c1.astype(m.dtype) if bias_correction else m
       den = jnp.maximum(gamma * h, eps)
       ratio = _divide(m_hat, den, a)
       not_clipped += jnp.sum(jnp.abs(ratio) < clip_threshold).astype(jnp.float32)
       total += math.prod(g.shape)
       new_u.append(jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype))
-      new_mu.append(m.astype(mu_dtype or m.dtype))
+      # The state keeps its dtype (an array-valued b1 must not promote a bf16 momentum).
+      new_mu.append(m.astype(mu_dtype or mu_prev.dtype))
     win_rate = not_clipped / max(total, 1)
 
     if not fresh_estimate:
@@ -544,6 +557,13 @@ def sophia(
 
   Returns:
     A `optax.GradientTransformationExtraArgs`.
+
+  Under `optax.inject_hyperparams`, name ``num_samples`` in ``static_args``
+  (a Python loop count), as well as a callable ``estimator`` or
+  ``weight_decay_mask`` (inject_hyperparams takes callables for schedules);
+  ``update_every`` and ``seed`` may be injected::
+
+    tx = optax.inject_hyperparams(slimoptax.sophia, static_args=("num_samples",))(6e-4)
 
   Example:
     >>> tx = slimoptax.sophia(6e-4)

@@ -140,8 +140,8 @@ def factored_rules() -> labels_lib.Rules:
       rules.append(labels_lib.Rule(pattern, ltype, three_d[ltype], warn_unused=False,
                                    min_ndim=3, max_ndim=3))
     rules.append(labels_lib.Rule(pattern, ltype, (-2, -1), warn_unused=False, min_ndim=3))
-  rules.append(labels_lib.Rule(r".", "other", (-2, -1), warn_unused=False, min_ndim=2))
-  rules.append(labels_lib.Rule(r".", "other", (), warn_unused=False, max_ndim=1))
+  rules.append(labels_lib.Rule(r"^", "other", (-2, -1), warn_unused=False, min_ndim=2))
+  rules.append(labels_lib.Rule(r"^", "other", (), warn_unused=False, max_ndim=1))
   return labels_lib.Rules(rules, name="fan")
 
 

@@ -11,11 +11,24 @@ defaults are the seeds' settings:
   ``AdamW``), except SGD, which the seed ran without weight decay (App. A.1.1,
   B.1). It applies to parameters with ``ndim >= 2`` by default, slimoptax's
   convention (as `slimoptax.slim_adamw`); the seeds do not say which
-  parameters decay. Pass ``mask=None`` to decay all, as ``optax.adamw`` does;
+  parameters decay. Pass ``mask=None`` to decay all, as ``optax.adamw`` does
+  (the default ``mask="ndim>=2"``, `DEFAULT_MASK`, is a string so that
+  `optax.inject_hyperparams` does not take it for a schedule);
 * global norm clipping of the raw gradient to ``1.0`` (``clip_norm``; ``None``
   turns it off);
 * momentum with dampening ``1 - beta``: ``m_k = beta m_{k-1} + (1 - beta)
   g_k``, zero-initialised.
+
+Every constructor works with `optax.inject_hyperparams` as it is (the default
+``mask`` is the string ``"ndim>=2"``, not a function; the state does not
+depend on the value of ``weight_decay``), except for these arguments, which
+must be named in ``static_args``: ``min_dim_size_to_factor`` of `adafactor` /
+`adafactor_momentum` (it picks shapes), ``b2`` of `sm3` (`optax.scale_by_sm3`
+branches on ``b2 == 1`` in Python), and a callable ``mask`` (inject_hyperparams
+takes every callable for a schedule)::
+
+    tx = optax.inject_hyperparams(slimoptax.ladder.adafactor,
+                                  static_args=("min_dim_size_to_factor",))(1e-3)
 
 `LADDER` maps names to constructors for the experiment scripts::
 
@@ -41,7 +54,23 @@ from slimoptax.factored import scale_by_adafactor
 from slimoptax.sign import scale_by_sign
 from slimoptax.slim_adam import default_weight_decay_mask
 
-Mask = Any  # None | pytree of bools | callable params -> pytree of bools
+Mask = Any  # "ndim>=2" | None | pytree of bools | callable params -> pytree of bools
+
+#: The default weight-decay mask: parameters with ``ndim >= 2``
+#: (`slimoptax.slim_adam.default_weight_decay_mask`). A string, not the
+#: function, so that `optax.inject_hyperparams` (which takes every callable
+#: argument for a schedule) passes it through without ``static_args``.
+DEFAULT_MASK = "ndim>=2"
+
+
+def _mask(mask: Mask) -> Any:
+  """The mask `optax.add_decayed_weights` takes: ``"ndim>=2"`` resolved to its function."""
+  if isinstance(mask, str):
+    if mask != DEFAULT_MASK:
+      raise ValueError(f"unknown mask {mask!r}: pass {DEFAULT_MASK!r} (the default), None (decay "
+                       "all), a pytree of bools or a callable params -> pytree of bools")
+    return default_weight_decay_mask
+  return mask
 
 
 def _gclip(clip_norm: ArrayLike | None) -> list[optax.GradientTransformation]:
@@ -49,9 +78,18 @@ def _gclip(clip_norm: ArrayLike | None) -> list[optax.GradientTransformation]:
 
 
 def _decay(weight_decay: ArrayLike, mask: Mask) -> list[optax.GradientTransformation]:
-  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
-    return []
-  return [optax.add_decayed_weights(weight_decay, mask)]
+  """Decoupled weight decay; its state does not depend on the value of ``weight_decay``.
+
+  A Python 0 skips the arithmetic but keeps the same (empty) state, so an
+  injected weight decay (`optax.inject_hyperparams`) gives the state of the
+  plain alias.
+  """
+  tx = optax.add_decayed_weights(weight_decay, _mask(mask))
+  if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) \
+      and weight_decay == 0:
+    return [optax.GradientTransformation(tx.init, lambda updates, state, params=None: (updates,
+                                                                                      state))]
+  return [tx]
 
 
 def ema_momentum(beta: ArrayLike, *, accumulator_dtype: Any = None) -> optax.GradientTransformation:
@@ -72,7 +110,7 @@ def adamw(
     weight_decay: ArrayLike = 0.1,
     *,
     clip_norm: ArrayLike | None = 1.0,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """Adam with decoupled weight decay and global clipping (the seed's Adam).
 
@@ -86,7 +124,9 @@ def adamw(
     eps: added outside the square root.
     weight_decay: decoupled weight decay (scaled by the learning rate).
     clip_norm: global-norm clipping of the raw gradient (``None``: off).
-    mask: which parameters decay (default ``ndim >= 2``; ``None``: all).
+    mask: which parameters decay: ``"ndim>=2"`` (`DEFAULT_MASK`, the default),
+      ``None`` (all), a pytree of bools or a callable (a callable must be in
+      ``static_args`` of `optax.inject_hyperparams`).
 
   Returns:
     A `optax.GradientTransformation`.
@@ -105,7 +145,7 @@ def adam_equal_betas(
     weight_decay: ArrayLike = 0.1,
     *,
     clip_norm: ArrayLike | None = 1.0,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """Adam with ``b1 = b2 = beta``, the seed's recommendation (best in its Fig. 2: 0.95).
 
@@ -122,7 +162,7 @@ def rmsprop(
     weight_decay: ArrayLike = 0.1,
     *,
     clip_norm: ArrayLike | None = 1.0,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """RMSprop as the seed ran it: PyTorch ``AdamW`` with ``b1 = 0`` (so ``v`` is bias-corrected).
 
@@ -139,7 +179,7 @@ def signum(
     *,
     clip_norm: ArrayLike | None = 1.0,
     init: str = "zero",
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """Signum: ``u = -lr (sign(EMA_beta[Gclip(g)]) + wd * w)`` (seed's best: beta 0.95, Gclip 1).
 
@@ -153,7 +193,7 @@ def signsgd(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: ArrayLike = 0.1,
     *,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """SignSGD with decoupled weight decay: ``u = -lr (sign(g) + wd * w)`` (clipping has no effect)."""
   return optax.chain(scale_by_sign(mode="signsgd"), *_decay(weight_decay, mask),
@@ -166,7 +206,7 @@ def emasign(
     weight_decay: ArrayLike = 0.1,
     *,
     init: str = "zero",
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """EMASign ("momentum on SignSGD"): ``u = -lr (EMA_beta[sign(g)] + wd * w)``.
 
@@ -182,7 +222,7 @@ def sgd(
     beta: ArrayLike = 0.95,
     weight_decay: ArrayLike = 0.0,
     *,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """SGD with momentum (dampening ``1 - beta``): ``u = -lr (EMA_beta[g] + wd * w)``.
 
@@ -198,7 +238,7 @@ def sgd_gclip(
     weight_decay: ArrayLike = 0.0,
     *,
     clip_norm: ArrayLike = 1.0,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """SGD + Gclip: global-norm clipping *before* momentum, ``u = -lr EMA_beta[Gclip(g)]``."""
   return optax.chain(optax.clip_by_global_norm(clip_norm), ema_momentum(beta),
@@ -212,7 +252,7 @@ def sgd_cclip(
     *,
     clip: ArrayLike = 1.0,
     clip_norm: ArrayLike | None = 1.0,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """SGD + Cclip: coordinate clipping *after* momentum, ``u = -lr clip(EMA_beta[Gclip(g)], ±clip)``.
 
@@ -233,7 +273,7 @@ def adafactor(
     multiply_by_parameter_scale: bool = True,
     factored_axes: Any = None,
     min_dim_size_to_factor: int = 128,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """Adafactor (`slimoptax.scale_by_adafactor`) with an external learning rate.
 
@@ -241,6 +281,9 @@ def adafactor(
   Adafactor, ``b1=0.9`` the fairseq "Adafactor v2" of the SlimAdam paper (run
   with ``relative_step=False``, as here). For the relative step size use
   ``scale_by_adafactor(relative_step=True)`` directly.
+
+  Under `optax.inject_hyperparams`, name ``min_dim_size_to_factor`` in
+  ``static_args`` (it decides which parameters are factored).
   """
   return optax.chain(
       *_gclip(clip_norm),
@@ -251,10 +294,29 @@ def adafactor(
       *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
 
 
-def adafactor_momentum(learning_rate: optax.ScalarOrSchedule, b1: ArrayLike = 0.9,
-                       **kwargs: Any) -> optax.GradientTransformation:
-  """`adafactor` with momentum ``b1 = 0.9`` ("Adafactor v2")."""
-  return adafactor(learning_rate, b1, **kwargs)
+def adafactor_momentum(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    decay_rate: ArrayLike = 0.8,
+    weight_decay: ArrayLike = 0.1,
+    *,
+    clip_norm: ArrayLike | None = 1.0,
+    clipping_threshold: ArrayLike | None = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    factored_axes: Any = None,
+    min_dim_size_to_factor: int = 128,
+    mask: Mask = DEFAULT_MASK,
+) -> optax.GradientTransformation:
+  """`adafactor` with momentum ``b1 = 0.9`` ("Adafactor v2").
+
+  Arguments as `adafactor` (explicit, so that `optax.inject_hyperparams` can
+  bind them); ``min_dim_size_to_factor`` must be in ``static_args`` there.
+  """
+  return adafactor(learning_rate, b1, decay_rate, weight_decay, clip_norm=clip_norm,
+                   clipping_threshold=clipping_threshold,
+                   multiply_by_parameter_scale=multiply_by_parameter_scale,
+                   factored_axes=factored_axes, min_dim_size_to_factor=min_dim_size_to_factor,
+                   mask=mask)
 
 
 def lion(
@@ -264,11 +326,12 @@ def lion(
     weight_decay: ArrayLike = 0.1,
     *,
     clip_norm: ArrayLike | None = 1.0,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """`optax.lion` with the SlimAdam paper's settings (b2 = 0.95, wd 0.1, Gclip 1)."""
   return optax.chain(*_gclip(clip_norm),
-                     optax.lion(learning_rate, b1, b2, weight_decay=weight_decay, mask=mask))
+                     optax.lion(learning_rate, b1, b2, weight_decay=weight_decay,
+                                    mask=_mask(mask)))
 
 
 def sm3(
@@ -278,7 +341,7 @@ def sm3(
     weight_decay: ArrayLike = 0.1,
     *,
     clip_norm: ArrayLike | None = 1.0,
-    mask: Mask = default_weight_decay_mask,
+    mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """SM3 as the SlimAdam paper ran it (momentum 0.9, accumulator EMA ``b2 = 0.95``).
 
@@ -286,6 +349,9 @@ def sm3(
   and takes no schedule); ``b2=1.0, weight_decay=0, clip_norm=None`` is
   ``optax.sm3``. 0-d parameters (which `optax.scale_by_sm3` cannot take) are
   treated as 1-element vectors, i.e. get their own accumulator.
+
+  Under `optax.inject_hyperparams`, name ``b2`` in ``static_args``
+  (`optax.scale_by_sm3` branches on ``b2 == 1`` in Python).
   """
   return optax.chain(*_gclip(clip_norm), _scalars_as_vectors(optax.scale_by_sm3(momentum, b2)),
                      *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
@@ -325,6 +391,6 @@ LADDER: dict[str, Callable[..., optax.GradientTransformation]] = {
 
 
 __all__ = [
-    "LADDER", "adafactor", "adafactor_momentum", "adam_equal_betas", "adamw", "ema_momentum",
+    "DEFAULT_MASK", "LADDER", "adafactor", "adafactor_momentum", "adam_equal_betas", "adamw", "ema_momentum",
     "emasign", "lion", "rmsprop", "sgd", "sgd_cclip", "sgd_gclip", "signsgd", "signum", "sm3",
 ]

@@ -442,7 +442,8 @@ def orthogonalize(
   columns = fan_out axes, other axes batch). Leaves without a spec
   (embeddings, heads, norms, biases, scalars under the default) are returned
   unchanged (the same array). Stateless; jit-safe (only static shapes are
-  inspected).
+  inspected). Integer or complex parameters (``init``) and updates
+  (``update``) are refused with a ValueError naming the path.
 
   Args:
     ns_steps: Newton–Schulz iterations ``T``.
@@ -471,12 +472,20 @@ def orthogonalize(
 
   def update_fn(updates, state, params=None):
     del params
+    # Integer updates would come back as zeros, complex ones without their imaginary part.
+    labels_lib.check_float_params(updates, what="update")
     leaves, treedef, specs = _leaf_specs(updates, dims, per_head, num_heads)
     out = [orthogonalize_leaf(u, s, ns_steps, ns_coeffs, eps=eps, dtype=dtype, precision=precision)
            if s is not None else u for u, s in zip(leaves, specs)]
     return jax.tree_util.tree_unflatten(treedef, out), state
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  def init_fn(params):
+    # Integer / complex parameters (a momentum in front may already have promoted the
+    # updates to float, hiding them from update_fn's check).
+    labels_lib.check_float_params(params)
+    return optax.EmptyState()
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def rms_scale_factor(rows: int, cols: int, rms_scale: str = "jordan", rms: float = 0.2) -> float:
@@ -525,6 +534,8 @@ def scale_by_matrix_shape(
 
   def update_fn(updates, state, params=None):
     del params
+    # Integer updates would come back as zeros, complex ones without their imaginary part.
+    labels_lib.check_float_params(updates, what="update")
     leaves, treedef, specs = _leaf_specs(updates, dims, per_head, num_heads)
     out = []
     for u, s in zip(leaves, specs):
@@ -539,7 +550,13 @@ def scale_by_matrix_shape(
       out.append((u * factor).astype(u.dtype))
     return jax.tree_util.tree_unflatten(treedef, out), state
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  def init_fn(params):
+    # Integer / complex parameters (a momentum in front may already have promoted the
+    # updates to float, hiding them from update_fn's check).
+    labels_lib.check_float_params(params)
+    return optax.EmptyState()
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 class ScaleByMuonState(NamedTuple):
@@ -552,6 +569,9 @@ class ScaleByMuonState(NamedTuple):
 
   count: chex.Array
   mu: optax.Updates
+
+
+_MASKED = "<masked>"  # placeholder leaf of an optax.MaskedNode in scale_by_muon's checks
 
 
 def scale_by_muon(
@@ -627,7 +647,29 @@ def scale_by_muon(
   def update_fn(updates, state, params=None):
     del params
     count_inc = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda g, m: (beta * m + (1 - beta) * g).astype(m.dtype), updates, state.mu)
+    # Masked leaves (optax.partition / optax.masked) are compared as placeholders, so
+    # that a missing or extra parameter is named even when it is masked out here.
+    marked = lambda t: jax.tree.map(
+        lambda x: _MASKED if isinstance(x, optax.MaskedNode) else x, t,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    marked_updates = marked(updates)
+    for (path, g), m in zip(labels_lib.named_leaves(marked_updates),
+                            labels_lib.leaves_like(marked_updates, marked(state.mu),
+                                                   what="state.mu")):
+      if (g is _MASKED) != (m is _MASKED):
+        raise ValueError(
+            f"{path!r} is {'masked out' if g is _MASKED else 'a matrix'} in the update but not "
+            "in state.mu: the state was created for other parameters (or other dims)")
+      if g is not _MASKED and tuple(m.shape) != tuple(g.shape):
+        raise ValueError(
+            f"momentum of {path!r} has shape {tuple(m.shape)} but the update has "
+            f"{tuple(g.shape)}: the state was created for other parameters")
+    g_leaves, treedef = jax.tree_util.tree_flatten(updates)
+    mu_leaves = treedef.flatten_up_to(state.mu)
+    # The state keeps its dtype (an array-valued beta must not promote a bf16 momentum).
+    mu = jax.tree_util.tree_unflatten(
+        treedef, [(beta * m + (1 - beta) * g).astype(mu_dtype or m.dtype)
+                  for g, m in zip(g_leaves, mu_leaves)])
     if bias_correction:
       c1 = 1 - jnp.asarray(beta, jnp.float32) ** count_inc
       if nesterov:
@@ -674,6 +716,8 @@ def muon(
     adam_weight_decay_mask: Any = None,
     adam_nesterov: bool = False,
     adam_compress: Any = None,
+    adam_mu_dtype: Any = None,
+    adam_nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """Muon for hidden matrices, (Slim)AdamW for everything else.
 
@@ -726,9 +770,20 @@ def muon(
     adam_compress: the fallback's second-moment compression: ``None``, a
       preset name (``"slimadam"``, ``"adam-mini"``, ...), `slimoptax.Rules`
       or a callable (a pytree of axes would have to match the masked tree).
+    adam_mu_dtype: the fallback's first-moment dtype (default: the
+      parameters').
+    adam_nu_dtype: the fallback's second-moment dtype (default: the
+      parameters').
 
   Returns:
     A `optax.GradientTransformation` (an `optax.partition`).
+
+  Under `optax.inject_hyperparams`, name ``ns_steps`` in ``static_args`` (a
+  Python loop count), as well as callable ``weight_decay_mask`` /
+  ``adam_weight_decay_mask`` (inject_hyperparams takes callables for
+  schedules)::
+
+    tx = optax.inject_hyperparams(slimoptax.muon, static_args=("ns_steps",))(0.02)
 
   Example:
     >>> tx = slimoptax.muon(0.02, adam_learning_rate=3e-4, adam_compress="slimadam")
@@ -755,8 +810,8 @@ def muon(
           ),
           "adam": slim_adam.slim_adamw(
               adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay,
-              compress=adam_compress, mask=adam_weight_decay_mask, nesterov=adam_nesterov,
-              num_heads=num_heads),
+              compress=adam_compress, mask=adam_weight_decay_mask, mu_dtype=adam_mu_dtype,
+              nu_dtype=adam_nu_dtype, nesterov=adam_nesterov, num_heads=num_heads),
       },
       labels_fn,
   )

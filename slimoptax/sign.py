@@ -147,13 +147,19 @@ def scale_by_sign(
     g_leaves, treedef = jax.tree_util.tree_flatten(updates)
     first = state.count == 0
     new_d, new_mu = [], []
-    for g, m in zip(g_leaves, mu_leaves):
+    for (path, _), g, m in zip(labels_lib.named_leaves(updates), g_leaves, mu_leaves):
+      if tuple(jnp.shape(m)) != tuple(jnp.shape(g)):
+        raise ValueError(
+            f"EMA of {path!r} has shape {tuple(jnp.shape(m))} but the update has "
+            f"{tuple(jnp.shape(g))}: the state was created for other parameters")
+      mu_prev = m
       s = jnp.sign(g) if mode == "emasign" else g
       m = beta * m + (1 - beta) * s
       if init == "grad":
         m = jnp.where(first, s.astype(m.dtype), m)
       new_d.append(_direction(m).astype(g.dtype))
-      new_mu.append(m.astype(mu_dtype or g.dtype))
+      # The state keeps its dtype (an array-valued beta must not promote a bf16 EMA).
+      new_mu.append(m.astype(mu_dtype or mu_prev.dtype))
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflat(new_d), ScaleBySignState(count=count_inc, mu=unflat(new_mu))
 

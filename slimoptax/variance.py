@@ -115,7 +115,14 @@ def scale_by_adavar(
       c_mu = 1 - jnp.asarray(beta, jnp.float32) ** count_inc
       c_v = 1 - jnp.asarray(tau, jnp.float32) ** count_inc
     new_d, new_mu, new_s = [], [], []
-    for g, m_prev, s in zip(g_leaves, mu_leaves, s_leaves):
+    for (path, _), g, m_prev, s in zip(labels_lib.named_leaves(updates), g_leaves, mu_leaves,
+                                       s_leaves):
+      for what, x in (("first moment", m_prev), ("variance", s)):
+        if tuple(x.shape) != tuple(g.shape):
+          raise ValueError(
+              f"{what} of {path!r} has shape {tuple(x.shape)} but the update has "
+              f"{tuple(g.shape)}: the state was created for other parameters")
+      s_prev = s
       m = beta * m_prev + (1 - beta) * g
       s = tau * s + gamma * (1 - tau) * jnp.square(m_prev - g)
       v = jnp.square(m) + s
@@ -126,8 +133,9 @@ def scale_by_adavar(
       denom = jnp.sqrt(v) + eps
       safe = jnp.where(denom > 0, denom, jnp.ones_like(denom))
       new_d.append(jnp.where(denom > 0, num / safe, jnp.zeros_like(num)).astype(g.dtype))
-      new_mu.append(m.astype(mu_dtype or g.dtype))
-      new_s.append(s.astype(g.dtype))
+      # The state keeps its dtypes (array-valued betas must not promote a bf16 state).
+      new_mu.append(m.astype(mu_dtype or m_prev.dtype))
+      new_s.append(s.astype(s_prev.dtype))
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflat(new_d), ScaleByAdaVarState(count=count_inc, mu=unflat(new_mu),
                                              sigma2=unflat(new_s))

@@ -46,7 +46,7 @@ def _dtypes(tree) -> dict:
 def _is_moment(case, path: str) -> bool:
   """State leaves the case's dtype keywords govern."""
   parts = path.split("/")
-  if case.name == "muon":  # mu_dtype is Muon's momentum; the AdamW fallback has no dtype knob
+  if case.name == "muon":  # mu_dtype is Muon's momentum; the fallback's: adam_mu/nu_dtype
     return "muon" in parts and "mu" in parts
   return any(k in parts for k in ("mu", "nu", "h"))
 
@@ -197,8 +197,6 @@ class Alias:
       or loop counts, callables it would take for schedules).
     beta: a beta-like hyperparameter changed mid-run in the test (None: only
       the learning rate is changed).
-    inject_gap: why the alias cannot go through inject_hyperparams (a known
-      gap: the test is an expected failure).
   """
 
   name: str
@@ -209,35 +207,31 @@ class Alias:
   beta: str | None = None
   new_beta: float = 0.5
   extra_args: bool = False
-  inject_gap: str | None = None
 
 
 def _ladder(name):
   return lambda: __import__("slimoptax.ladder", fromlist=["LADDER"]).LADDER[name]
 
 
-# Per ladder entry: (beta changed in the test, extra static args, kwargs, gap).
-# Entries added to LADDER later are picked up with the defaults. The SGD family
-# adds its weight-decay transform only when `weight_decay` is a Python 0, so an
-# injected (array) weight decay changes the state's structure: kept static.
+# Per ladder entry: (beta changed in the test, static args, kwargs).
+# Entries added to LADDER later are picked up with the defaults. The SGD family's
+# weight decay is injected too (its state does not depend on the value).
 _ADAFACTOR = (("min_dim_size_to_factor",), (("min_dim_size_to_factor", 1),))
 _LADDER_INFO = {
-    "adam": ("b1", (), (), None),
-    "adam_equal_betas": (None, (), (), None),
-    "rmsprop": (None, (), (), None),
-    "signum": ("beta", (), (), None),
-    "signsgd": (None, (), (), None),
-    "emasign": (None, (), (), None),
-    "sgd": (None, ("weight_decay",), (), None),
-    "sgd_gclip": (None, ("weight_decay",), (), None),
-    "sgd_cclip": (None, ("weight_decay",), (), None),
-    "adafactor": ("decay_rate", *_ADAFACTOR, None),
-    "adafactor_momentum": ("b1", *_ADAFACTOR,
-                           "adafactor_momentum(learning_rate, b1, **kwargs): inject_hyperparams "
-                           "binds the signature and passes kwargs={} as a keyword"),
-    "lion": (None, (), (), None),
+    "adam": ("b1", (), ()),
+    "adam_equal_betas": (None, (), ()),
+    "rmsprop": (None, (), ()),
+    "signum": ("beta", (), ()),
+    "signsgd": (None, (), ()),
+    "emasign": (None, (), ()),
+    "sgd": (None, (), ()),
+    "sgd_gclip": (None, (), ()),
+    "sgd_cclip": (None, (), ()),
+    "adafactor": ("decay_rate", *_ADAFACTOR),
+    "adafactor_momentum": ("b1", *_ADAFACTOR),
+    "lion": (None, (), ()),
     # optax.scale_by_sm3 branches on `b2 == 1` in Python.
-    "sm3": (None, ("b2",), (), None),
+    "sm3": (None, ("b2",), ()),
 }
 
 
@@ -249,19 +243,19 @@ def _aliases() -> list[Alias]:
       Alias("muon", "orthogonalize", lambda: __import__("slimoptax.orthogonalize",
                                                         fromlist=["muon"]).muon,
             (("adam_compress", "slimadam"),), static=("ns_steps",), beta="beta"),
-      # update_every / num_samples are loop counts, seed builds the PRNG key.
+      # num_samples is a loop count; update_every and seed are injected.
       Alias("sophia", "curvature", lambda: __import__("slimoptax.curvature",
                                                       fromlist=["sophia"]).sophia,
             (("update_every", 2), ("compress", "slimadam")),
-            static=("update_every", "seed", "num_samples"), beta="b1", extra_args=True),
+            static=("num_samples",), beta="b1", extra_args=True),
   ]
   if w.module_available("ladder"):
     from slimoptax.ladder import LADDER
     for name in LADDER:
-      beta, static, kwargs, gap = _LADDER_INFO.get(name, (None, (), (), None))
-      # `mask` defaults to a function, which inject_hyperparams would call as a schedule.
-      out.append(Alias(f"ladder.{name}", "ladder", _ladder(name), kwargs, ("mask", *static), beta,
-                       inject_gap=gap))
+      beta, static, kwargs = _LADDER_INFO.get(name, (None, (), ()))
+      # `mask` defaults to a string (not a function inject_hyperparams would take for a
+      # schedule): no static_args for it.
+      out.append(Alias(f"ladder.{name}", "ladder", _ladder(name), kwargs, static, beta))
   else:
     out.append(Alias("ladder", "ladder", lambda: None))
   return out
@@ -271,13 +265,11 @@ ALIASES = _aliases()
 LR_A, LR_B = 1e-2, 3e-3
 
 
-def alias_params(aliases=ALIASES, *, inject: bool = False):
+def alias_params(aliases=ALIASES):
   out = []
   for a in aliases:
     marks = [pytest.mark.skipif(not w.module_available(a.module),
                                 reason=f"slimoptax.{a.module} does not exist yet")]
-    if inject and a.inject_gap:
-      marks.append(pytest.mark.xfail(reason=f"known gap: {a.inject_gap}", strict=False))
     out.append(pytest.param(a, id=a.name, marks=marks))
   return out
 
@@ -300,7 +292,7 @@ def _tree_ratio_close(a, b, ratio, what):
   _close(a, jax.tree.map(lambda x: ratio * x, b), atol=1e-7, rtol=1e-5, what=what)
 
 
-@pytest.mark.parametrize("alias", alias_params(inject=True))
+@pytest.mark.parametrize("alias", alias_params())
 def test_inject_hyperparams_learning_rate_and_beta(alias):
   factory = alias.factory()
   inj = optax.inject_hyperparams(factory, static_args=alias.static)(
@@ -360,12 +352,9 @@ def test_multisteps_equals_one_step_on_the_mean_gradient(alias):
   _close(s.inner_opt_state, rs, atol=2e-6, rtol=1e-5, what=f"{alias.name} state")
 
 
-# Known gaps of the ladder aliases under inject_hyperparams (see the report):
-# without static_args=("mask",) optax takes the default mask function for a
-# schedule, and the weight decay silently disappears.
+# The ladder aliases under inject_hyperparams without static_args: the default
+# mask is a string, so the weight decay does not silently disappear.
 @pytest.mark.skipif(not w.module_available("ladder"), reason="slimoptax.ladder does not exist yet")
-@pytest.mark.xfail(reason="ladder aliases default `mask` to a function; inject_hyperparams treats "
-                          "it as a schedule (call with static_args=('mask',))", strict=False)
 def test_ladder_inject_hyperparams_keeps_weight_decay_without_static_mask():
   from slimoptax.ladder import adamw
   params = w.small_params()
@@ -375,3 +364,60 @@ def test_ladder_inject_hyperparams_keeps_weight_decay_without_static_mask():
   _, _, u_plain = w.make_step(plain, extra_args=False)(params, plain.init(params),
                                                         w.grads_at(params, 0))
   _close(u_inj, u_plain, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.skipif(not w.module_available("orthogonalize"), reason="slimoptax.orthogonalize is absent")
+def test_muon_adam_fallback_dtypes():
+  """``adam_mu_dtype`` / ``adam_nu_dtype`` set the AdamW fallback's moments' dtypes."""
+  from slimoptax.orthogonalize import muon
+  params = w.small_params(jnp.bfloat16)
+  tx = muon(LR_A, mu_dtype=jnp.float32, adam_mu_dtype=jnp.float32, adam_nu_dtype=jnp.float32,
+            adam_compress="slimadam")
+  state = tx.init(params)
+  dtypes = _dtypes(state)
+  adam = {p: d for p, d in dtypes.items() if "adam" in p.split("/")}
+  assert any("mu" in p.split("/") for p in adam) and any("nu" in p.split("/") for p in adam)
+  for path, dtype in dtypes.items():
+    if any(k in path.split("/") for k in ("mu", "nu")):
+      assert dtype == jnp.float32, (path, dtype)
+  _, new_state, _ = w.make_step(tx, extra_args=False)(params, state, w.grads_at(params, 0))
+  assert _dtypes(new_state) == dtypes
+  # Default: the parameters' dtype.
+  default = _dtypes(muon(LR_A, adam_compress="slimadam").init(params))
+  assert all(d == jnp.bfloat16 for p, d in default.items()
+             if "adam" in p.split("/") and any(k in p.split("/") for k in ("mu", "nu")))
+
+
+@pytest.mark.skipif(not w.module_available("ladder"), reason="slimoptax.ladder does not exist yet")
+@pytest.mark.parametrize("name", ["sgd", "sgd_gclip", "sgd_cclip"])
+def test_ladder_sgd_injected_weight_decay(name):
+  """The state does not depend on the weight decay's value; an injected one takes effect."""
+  from slimoptax.ladder import LADDER
+  factory = LADDER[name]
+  params = w.small_params()
+  plain0, plain1 = factory(LR_A), factory(LR_A, weight_decay=0.1)
+  assert jax.tree.structure(plain0.init(params)) == jax.tree.structure(plain1.init(params))
+  inj = optax.inject_hyperparams(factory)(learning_rate=LR_A)
+  s = inj.init(params)
+  assert jax.tree.structure(s.inner_state) == jax.tree.structure(plain0.init(params))
+  s.hyperparams["weight_decay"] = jnp.asarray(0.1, s.hyperparams["weight_decay"].dtype)
+  g = w.grads_at(params, 0)
+  _, _, u_inj = w.make_step(inj, extra_args=False)(params, s, g)
+  _, _, u_ref = w.make_step(plain1, extra_args=False)(params, plain1.init(params), g)
+  _close(u_inj, u_ref, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.skipif(not w.module_available("ladder"), reason="slimoptax.ladder does not exist yet")
+def test_ladder_mask_values():
+  """``"ndim>=2"`` (default) decays matrices only, ``None`` everything; other strings fail."""
+  from slimoptax.ladder import adamw
+  params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = adamw(1.0, clip_norm=None)
+  u, _ = tx.update(zeros, tx.init(params), params)
+  assert float(jnp.max(jnp.abs(u["b"]))) == 0 and float(jnp.max(jnp.abs(u["w"]))) > 0
+  tx = adamw(1.0, clip_norm=None, mask=None)
+  u, _ = tx.update(zeros, tx.init(params), params)
+  assert float(jnp.max(jnp.abs(u["b"]))) > 0
+  with pytest.raises(ValueError, match="unknown mask"):
+    adamw(1.0, mask="all")
