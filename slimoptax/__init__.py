@@ -1,86 +1,164 @@
-"""slimoptax: lean, structure-aware Adam-family optimizers for Optax."""
+"""slimoptax: lean, structure-aware optimizers for Optax.
 
-from slimoptax import labels
-from slimoptax.labels import (
-    LAYER_TYPES,
-    PRESETS,
-    Reshaped,
-    Rule,
-    Rules,
-    axis_roles,
-    compression_axes,
-    layer_type,
-    param_labels,
-    preset,
-)
-from slimoptax.slim_adam import (
-    ScaleBySlimAdamState,
-    scale_by_slim_adam,
-    slim_adamw,
-)
+Each algorithm family lives in its own module and is exported here as its
+alias, its ``scale_by_*`` transformation and its state. The label-rule
+machinery (`slimoptax.rules`, `slimoptax.presets`, `slimoptax.layers`) is what
+every transform reads per-parameter axes through.
+"""
 
-# --- snr / diagnostics (foundation) ---
-from slimoptax.diagnostics import (
-    MemoryReport,
-    abstract_state,
-    layer_norms,
-    memory_report,
-    tree_bytes,
-)
-from slimoptax.analysis import (
-    SNRTracker,
-    depth_average,
-    depth_group,
-    derive_rules,
-    find_second_moment,
-    load_snr_csv,
-    second_moments_kept,
-    snr,
-    time_average,
-)
-# --- sign, factored, variance families (issue 3) ---
-from slimoptax import ladder
-from slimoptax.factored import (
-    ScaleByAdafactorState,
-    factored_rules,
-    resolve_factored_axes,
-    scale_by_adafactor,
-)
-from slimoptax.ladder import LADDER
-from slimoptax.sign import ScaleBySignState, scale_by_sign
-from slimoptax.variance import (
-    ScaleByAdaVarState,
-    mean_variance_from_adam,
-    scale_by_adavar,
-)
-# --- orthogonalize, curvature (issue 4) ---
-from slimoptax.orthogonalize import (
-    CUBIC_COEFFS,
-    QUINTIC_COEFFS,
-    MuonDimensionNumbers,
-    ReshapedDims,
-    ScaleByMuonState,
-    matrix_dims,
-    muon,
-    muon_flop_overhead,
-    muon_labels,
-    newton_schulz,
-    newton_schulz_flops,
-    orthogonalize,
-    scale_by_matrix_shape,
-    scale_by_muon,
-)
-from slimoptax.curvature import (
-    ScaleByHutchinsonState,
-    gnb_estimate,
-    hutchinson_estimate,
-    scale_by_hutchinson,
-    sophia,
-    sophia_win_rate,
-)
+# Label rules: path -> label -> axes, axis roles, presets.
+from slimoptax import layers
+from slimoptax import presets
+from slimoptax import rules
+from slimoptax.layers import LAYER_TYPES
+from slimoptax.layers import Reshaped
+from slimoptax.layers import axis_roles
+from slimoptax.presets import PRESETS
+from slimoptax.presets import layer_type
+from slimoptax.presets import preset
+from slimoptax.rules import Rule
+from slimoptax.rules import Rules
+from slimoptax.rules import compression_axes
+from slimoptax.rules import param_labels
+
+# SlimAdam (AdaLayer, Adam-mini and Adam through other axes).
+from slimoptax._slim_adam import ScaleBySlimAdamState
+from slimoptax._slim_adam import scale_by_slim_adam
+from slimoptax._slim_adam import slim_adamw
+
+# Sign methods: SignSGD, Signum, EMASign, mollified Signum.
+from slimoptax._sign import ScaleBySignState
+from slimoptax._sign import scale_by_sign
+
+# AdaVar: Adam as a mean/variance estimator.
+from slimoptax._adavar import ScaleByAdaVarState
+from slimoptax._adavar import mean_variance_from_adam
+from slimoptax._adavar import scale_by_adavar
+
+# Adafactor: factored second moments.
+from slimoptax._adafactor import ScaleByAdafactorState
+from slimoptax._adafactor import factored_rules
+from slimoptax._adafactor import resolve_factored_axes
+from slimoptax._adafactor import scale_by_adafactor
+
+# Muon: Newton–Schulz orthogonalization.
+from slimoptax._muon import CUBIC_COEFFS
+from slimoptax._muon import QUINTIC_COEFFS
+from slimoptax._muon import MuonDimensionNumbers
+from slimoptax._muon import ReshapedDims
+from slimoptax._muon import ScaleByMuonState
+from slimoptax._muon import matrix_dims
+from slimoptax._muon import muon
+from slimoptax._muon import muon_flop_overhead
+from slimoptax._muon import muon_labels
+from slimoptax._muon import newton_schulz
+from slimoptax._muon import newton_schulz_flops
+from slimoptax._muon import orthogonalize
+from slimoptax._muon import scale_by_matrix_shape
+from slimoptax._muon import scale_by_muon
+
+# Sophia: diagonal curvature (Hutchinson, Gauss–Newton–Bartlett).
+from slimoptax._sophia import ScaleByHutchinsonState
+from slimoptax._sophia import gnb_estimate
+from slimoptax._sophia import hutchinson_estimate
+from slimoptax._sophia import scale_by_hutchinson
+from slimoptax._sophia import sophia
+from slimoptax._sophia import sophia_win_rate
+
+# SNR analysis of second moments and the rules it derives.
+from slimoptax._snr import SNRTracker
+from slimoptax._snr import depth_average
+from slimoptax._snr import depth_group
+from slimoptax._snr import derive_rules
+from slimoptax._snr import find_second_moment
+from slimoptax._snr import load_snr_csv
+from slimoptax._snr import second_moments_kept
+from slimoptax._snr import snr
+from slimoptax._snr import time_average
+
+# Diagnostics: state memory, per-layer norms.
+from slimoptax.diagnostics import layer_norms
+from slimoptax.memory import MemoryReport
+from slimoptax.memory import abstract_state
+from slimoptax.memory import memory_report
+from slimoptax.memory import tree_bytes
+
+# Sharding and checkpoints.
+from slimoptax import checkpoint
+from slimoptax import sharding
+from slimoptax.checkpoint import StateMismatchError
+from slimoptax.checkpoint import restore_state
+from slimoptax.sharding import abstract_sharded_state
+from slimoptax.sharding import init_sharded
+from slimoptax.sharding import state_shardings
 
 __version__ = "0.1.0"
-# --- sharding, checkpoints (issue 5) ---
-from slimoptax import checkpoint, sharding
-from slimoptax.checkpoint import StateMismatchError, restore_state
-from slimoptax.sharding import abstract_sharded_state, init_sharded, state_shardings
+
+__all__ = (
+    "CUBIC_COEFFS",
+    "LAYER_TYPES",
+    "MemoryReport",
+    "MuonDimensionNumbers",
+    "PRESETS",
+    "QUINTIC_COEFFS",
+    "Reshaped",
+    "ReshapedDims",
+    "Rule",
+    "Rules",
+    "SNRTracker",
+    "ScaleByAdaVarState",
+    "ScaleByAdafactorState",
+    "ScaleByHutchinsonState",
+    "ScaleByMuonState",
+    "ScaleBySignState",
+    "ScaleBySlimAdamState",
+    "StateMismatchError",
+    "abstract_sharded_state",
+    "abstract_state",
+    "axis_roles",
+    "checkpoint",
+    "compression_axes",
+    "depth_average",
+    "depth_group",
+    "derive_rules",
+    "factored_rules",
+    "find_second_moment",
+    "gnb_estimate",
+    "hutchinson_estimate",
+    "init_sharded",
+    "layer_norms",
+    "layer_type",
+    "layers",
+    "load_snr_csv",
+    "matrix_dims",
+    "mean_variance_from_adam",
+    "memory_report",
+    "muon",
+    "muon_flop_overhead",
+    "muon_labels",
+    "newton_schulz",
+    "newton_schulz_flops",
+    "orthogonalize",
+    "param_labels",
+    "preset",
+    "presets",
+    "resolve_factored_axes",
+    "restore_state",
+    "rules",
+    "scale_by_adafactor",
+    "scale_by_adavar",
+    "scale_by_hutchinson",
+    "scale_by_matrix_shape",
+    "scale_by_muon",
+    "scale_by_sign",
+    "scale_by_slim_adam",
+    "second_moments_kept",
+    "sharding",
+    "slim_adamw",
+    "snr",
+    "sophia",
+    "sophia_win_rate",
+    "state_shardings",
+    "time_average",
+    "tree_bytes",
+)

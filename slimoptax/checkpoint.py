@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from slimoptax import labels as labels_lib
+from slimoptax import _tree
 
 __all__ = ["StateMismatchError", "check_state_compatible", "restore_state", "saved_state_metadata"]
 
@@ -33,7 +33,7 @@ def _is_meta_leaf(x: Any) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _tree(metadata: Any) -> Any:
+def _metadata_tree(metadata: Any) -> Any:
   """The tree of per-leaf metadata inside orbax's (step / item / tree) metadata wrappers."""
   for attr in ("item_metadata", "tree"):
     inner = getattr(metadata, attr, None)
@@ -50,7 +50,7 @@ def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     if shape is None:
       shape = np.shape(leaf)
     dtype = getattr(leaf, "dtype", None)
-    out[labels_lib.path_str(kp)] = (tuple(int(s) for s in shape),
+    out[_tree.path_str(kp)] = (tuple(int(s) for s in shape),
                                     None if dtype is None else np.dtype(dtype))
   return out
 
@@ -77,7 +77,7 @@ def saved_state_metadata(checkpointer: Any, path: Any) -> dict[str, tuple[tuple[
     metadata = checkpointer.item_metadata(path)
   else:
     metadata = checkpointer.metadata(os.fspath(path) if isinstance(path, os.PathLike) else path)
-  return _shapes(_tree(metadata))
+  return _shapes(_metadata_tree(metadata))
 
 
 def check_state_compatible(

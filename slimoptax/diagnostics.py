@@ -1,125 +1,24 @@
-"""Diagnostics: optimizer-state memory and per-layer norms.
+"""Per-layer diagnostics: gradient, weight and update norms.
 
-`memory_report` counts the second-moment entries and bytes of an optimizer
-state, per parameter and in total, against what Adam would keep (one entry per
-parameter). `tree_bytes` counts the bytes of any pytree of arrays.
-`layer_norms` gives the per-parameter gradient / weight / update L2 norms of
-the training log in the "AdamW" blog post (seed 004).
+Reference: Loshchilov & Hutter, Decoupled Weight Decay Regularization, 2019
+(the update/weight ratio per layer).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
-from slimoptax import labels as labels_lib
-
-
-def _nbytes(x: Any) -> int:
-  shape = getattr(x, "shape", np.shape(x))
-  dtype = getattr(x, "dtype", None)
-  if dtype is None:
-    dtype = np.asarray(x).dtype
-  return math.prod(shape) * np.dtype(dtype).itemsize
-
-
-def tree_bytes(tree: Any) -> int:
-  """Total bytes of the array leaves of a pytree (works on `jax.ShapeDtypeStruct` s)."""
-  return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(tree))
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryRow:
-  path: str
-  param_shape: tuple[int, ...]
-  nu_shape: tuple[int, ...]
-  entries: int
-  nbytes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryReport:
-  """Second-moment memory of an optimizer state.
-
-  Attributes:
-    rows: one `MemoryRow` per parameter (path, shapes, entries, bytes).
-    entries: total second-moment entries.
-    nbytes: total second-moment bytes.
-    adam_entries: entries Adam would keep (number of parameters).
-    adam_nbytes: bytes Adam would keep at the parameters' dtypes.
-    state_nbytes: bytes of the whole optimizer state.
-  """
-
-  rows: tuple[MemoryRow, ...]
-  entries: int
-  nbytes: int
-  adam_entries: int
-  adam_nbytes: int
-  state_nbytes: int
-
-  @property
-  def fraction_saved(self) -> float:
-    """1 - entries / adam_entries."""
-    return 1.0 - self.entries / self.adam_entries if self.adam_entries else 0.0
-
-  def __str__(self) -> str:
-    header = ("path", "param shape", "second moment", "entries", "bytes")
-    body = [(r.path, str(r.param_shape), str(r.nu_shape), f"{r.entries:,}", f"{r.nbytes:,}") for r in self.rows]
-    body.append(("TOTAL", "", "", f"{self.entries:,}", f"{self.nbytes:,}"))
-    widths = [max(len(x[i]) for x in [header, *body]) for i in range(5)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths]), *[fmt.format(*b) for b in body]]
-    lines.append(
-        f"second moments: {self.entries:,} of Adam's {self.adam_entries:,} "
-        f"({self.fraction_saved:.2%} saved); optimizer state {self.state_nbytes:,} bytes"
-    )
-    return "\n".join(lines)
-
-
-def memory_report(opt_state: Any, params: Any) -> MemoryReport:
-  """Second-moment entries and bytes of ``opt_state``, per leaf and total.
-
-  The second moment is the first field named ``nu`` with the parameters' tree
-  structure (`optax.scale_by_adam`, `slimoptax.scale_by_slim_adam`, ...).
-
-  Args:
-    opt_state: an optax state (may be abstract, from `jax.eval_shape`).
-    params: the parameters (or `jax.ShapeDtypeStruct` s).
-
-  Returns:
-    A `MemoryReport`; ``print`` it for a table.
-
-  Example:
-    >>> report = slimoptax.memory_report(tx.init(params), params)
-    >>> print(f"{report.fraction_saved:.2%} of second moments saved")
-  """
-  from slimoptax.analysis import find_second_moment
-
-  nu = find_second_moment(opt_state, params)
-  rows = []
-  for (path, p), (_, v) in zip(labels_lib.named_leaves(params), labels_lib.named_leaves(nu)):
-    rows.append(MemoryRow(path, tuple(np.shape(p)), tuple(np.shape(v)), math.prod(np.shape(v)), _nbytes(v)))
-  return MemoryReport(
-      rows=tuple(rows),
-      entries=sum(r.entries for r in rows),
-      nbytes=sum(r.nbytes for r in rows),
-      adam_entries=sum(math.prod(r.param_shape) for r in rows),
-      adam_nbytes=sum(_nbytes(p) for p in jax.tree_util.tree_leaves(params)),
-      state_nbytes=tree_bytes(opt_state),
-  )
+from slimoptax import _tree
 
 
 def layer_norms(grads: Any, params: Any, updates: Any | None = None) -> dict[str, dict[str, jax.Array]]:
   """Per-parameter L2 norms ``{path: {"grad", "weight", "update"}}`` (jit-friendly).
 
-  The per-layer log of the "AdamW" blog post (seed 004): gradient, weight and
-  update norms per parameter, to watch the update/weight ratio layer by layer.
+  Gradient, weight and update norms per parameter, to watch the
+  update/weight ratio layer by layer.
 
   Args:
     grads: gradients.
@@ -130,7 +29,7 @@ def layer_norms(grads: Any, params: Any, updates: Any | None = None) -> dict[str
     A dict of dicts of scalar arrays.
   """
   out: dict[str, dict[str, jax.Array]] = {}
-  g_named = labels_lib.named_leaves(grads)
+  g_named = _tree.named_leaves(grads)
   p_leaves = jax.tree_util.tree_structure(grads).flatten_up_to(params)
   u_leaves = jax.tree_util.tree_structure(grads).flatten_up_to(updates) if updates is not None else None
   for i, (path, g) in enumerate(g_named):
@@ -141,9 +40,4 @@ def layer_norms(grads: Any, params: Any, updates: Any | None = None) -> dict[str
   return out
 
 
-def abstract_state(tx: optax.GradientTransformation, params: Any) -> Any:
-  """The optimizer state's shapes and dtypes, without allocating it (`jax.eval_shape`)."""
-  return jax.eval_shape(tx.init, jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), p.dtype), params))
-
-
-__all__ = ["MemoryReport", "MemoryRow", "abstract_state", "layer_norms", "memory_report", "tree_bytes"]
+__all__ = ["layer_norms"]

@@ -99,8 +99,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from slimoptax import _tree
 from slimoptax import diagnostics as diagnostics_lib
-from slimoptax import labels as labels_lib
 
 try:  # Optional dependency (the ``experiments`` extra).
   import tokenizers as hf_tokenizers
@@ -934,7 +934,7 @@ class LinenGPT(nn.Module):
 
 # The "/"-joined path of a key path (a trailing nnx `.value` dropped): the same strings the
 # label rules match.
-keypath_to_str = labels_lib.path_str
+keypath_to_str = _tree.path_str
 
 
 def _named_leaves(tree: Any) -> dict[str, jax.Array]:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from slimoptax import labels as labels_lib
+from slimoptax import _tree
 
 __all__ = [
     "abstract_sharded_state", "init_sharded", "param_index", "reduced_spec", "state_shardings",
@@ -138,7 +138,7 @@ def reduced_spec(
 
 
 def _param_shardings_list(params: Any, param_shardings: Any, mesh: Any) -> list[NamedSharding]:
-  named = labels_lib.named_leaves(params)
+  named = _tree.named_leaves(params)
   if param_shardings is None:
     out = []
     for path, p in named:
@@ -152,7 +152,7 @@ def _param_shardings_list(params: Any, param_shardings: Any, mesh: Any) -> list[
   if isinstance(param_shardings, (NamedSharding, PartitionSpec)):
     per_leaf = [param_shardings] * len(named)
   else:
-    per_leaf = labels_lib.leaves_like(params, param_shardings, what="param_shardings")
+    per_leaf = _tree.leaves_like(params, param_shardings, what="param_shardings")
   out = []
   for (path, _), s in zip(named, per_leaf):
     if isinstance(s, PartitionSpec):
@@ -269,7 +269,7 @@ def state_shardings(
     PartitionSpec('data', None)
   """
   shardings = _param_shardings_list(params, param_shardings, mesh)
-  named = labels_lib.named_leaves(params)
+  named = _tree.named_leaves(params)
   shapes = [tuple(int(s) for s in jnp.shape(p)) for _, p in named]
   for (path, _), shape, s in zip(named, shapes, shardings):
     _entries(s.spec, len(shape), path)

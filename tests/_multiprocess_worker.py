@@ -51,7 +51,7 @@ def train(out_dir: str) -> dict:
   from jax.sharding import PartitionSpec as P
 
   import slimoptax
-  from slimoptax.labels import named_leaves
+  from slimoptax._tree import named_leaves
   from tests import _sharded_worker as w
 
   case = next(c for c in w.CASES if c.name == "slim_adamw-slimadam")

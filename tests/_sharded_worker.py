@@ -1,8 +1,8 @@
 """The transform matrix shared by the scale/reliability tests, and the 8-device sharding worker.
 
 `CASES` lists every slimoptax transform once (adding a transform = adding one
-entry). Entries name the slimoptax module they need; `case_params()` turns them
-into pytest parameters skipped only when that module is genuinely absent.
+entry). Entries name their algorithm family; `case_params()` turns them into
+pytest parameters.
 
 Run as ``python -m tests._sharded_worker OUT.json`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (tests/test_sharding.py
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -40,7 +38,7 @@ class Case:
 
   Attributes:
     name: test id.
-    module: the slimoptax submodule it needs (skipped only if absent).
+    family: the algorithm family (``slim_adam``, ``adafactor``, ``sign``, ...).
     build: ``() -> GradientTransformation`` (imports lazily).
     extra_args: ``update`` needs ``obj_fn=`` (Sophia / Hutchinson).
     pmap: also run the pmap data-parallel loop in the sharding worker (a few
@@ -53,7 +51,7 @@ class Case:
   """
 
   name: str
-  module: str
+  family: str
   build: Callable[..., optax.GradientTransformation]
   extra_args: bool = False
   pmap: bool = False
@@ -76,40 +74,40 @@ def _slim(compress):
 
 def _adafactor(**base):
   def build(**kw):
-    from slimoptax.factored import scale_by_adafactor
+    from slimoptax._adafactor import scale_by_adafactor
     return optax.chain(scale_by_adafactor(min_dim_size_to_factor=1, **base, **kw), _lr())
   return build
 
 
 def _sign(mode, **base):
   def build(**kw):
-    from slimoptax.sign import scale_by_sign
+    from slimoptax._sign import scale_by_sign
     return optax.chain(scale_by_sign(mode=mode, **base, **kw), _lr())
   return build
 
 
 def _adavar(**kw):
-  from slimoptax.variance import scale_by_adavar
+  from slimoptax._adavar import scale_by_adavar
   return optax.chain(scale_by_adavar(0.9, bias_correction=True, **kw), _lr())
 
 
 def _orthogonalize(**kw):
-  from slimoptax.orthogonalize import orthogonalize
+  from slimoptax._muon import orthogonalize
   return optax.chain(optax.trace(0.9, nesterov=True), orthogonalize(**kw), _lr())
 
 
 def _muon(**kw):
-  from slimoptax.orthogonalize import muon
+  from slimoptax._muon import muon
   return muon(LR, adam_compress="slimadam", **kw)
 
 
 def _hutchinson(**kw):
-  from slimoptax.curvature import scale_by_hutchinson
+  from slimoptax._sophia import scale_by_hutchinson
   return optax.chain(scale_by_hutchinson(update_every=2, compress="slimadam", **kw), _lr())
 
 
 def _sophia(**kw):
-  from slimoptax.curvature import sophia
+  from slimoptax._sophia import sophia
   return sophia(LR, update_every=2, **kw)
 
 
@@ -120,19 +118,19 @@ CASES: tuple[Case, ...] = (
     Case("slim_adamw-slimadam", "slim_adam", _slim("slimadam"), pmap=True, **_ADAM),
     Case("slim_adamw-adam-mini", "slim_adam", _slim("adam-mini"), **_ADAM),
     Case("slim_adamw-adalayer", "slim_adam", _slim("adalayer"), **_ADAM),
-    Case("adafactor-largest", "factored", _adafactor(), axes_kwarg="factored_axes"),
-    Case("adafactor-fan-b1", "factored", _adafactor(factored_axes="fan", b1=0.9), pmap=True,
+    Case("adafactor-largest", "adafactor", _adafactor(), axes_kwarg="factored_axes"),
+    Case("adafactor-fan-b1", "adafactor", _adafactor(factored_axes="fan", b1=0.9), pmap=True,
          dtype_kwargs=("mu_dtype",)),
     Case("sign-signsgd", "sign", _sign("signsgd")),
     Case("sign-signum", "sign", _sign("signum", beta=0.9), dtype_kwargs=("mu_dtype",)),
     Case("sign-emasign", "sign", _sign("emasign", beta=0.9, init="grad"), dtype_kwargs=("mu_dtype",)),
     Case("sign-mollified", "sign", _sign("mollified", beta=0.9, eps=1e-8), dtype_kwargs=("mu_dtype",)),
-    Case("adavar", "variance", _adavar, dtype_kwargs=("mu_dtype",)),
-    Case("orthogonalize", "orthogonalize", _orthogonalize, axes_kwarg="dims"),
-    Case("muon", "orthogonalize", _muon, pmap=True, dtype_kwargs=("mu_dtype",), axes_kwarg="dims"),
-    Case("hutchinson", "curvature", _hutchinson, extra_args=True,
+    Case("adavar", "adavar", _adavar, dtype_kwargs=("mu_dtype",)),
+    Case("orthogonalize", "muon", _orthogonalize, axes_kwarg="dims"),
+    Case("muon", "muon", _muon, pmap=True, dtype_kwargs=("mu_dtype",), axes_kwarg="dims"),
+    Case("hutchinson", "sophia", _hutchinson, extra_args=True,
          dtype_kwargs=("mu_dtype", "h_dtype")),
-    Case("sophia", "curvature", _sophia, extra_args=True, dtype_kwargs=("mu_dtype", "h_dtype"),
+    Case("sophia", "sophia", _sophia, extra_args=True, dtype_kwargs=("mu_dtype", "h_dtype"),
          axes_kwarg="compress"),
 )
 
@@ -164,20 +162,14 @@ def once_per_run(tmp_path_factory, name: str, produce: Callable[[Any], dict]) ->
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def module_available(name: str) -> bool:
-  return importlib.util.find_spec(f"slimoptax.{name}") is not None
-
-
 def available_cases() -> list[Case]:
-  return [c for c in CASES if module_available(c.module)]
+  return list(CASES)
 
 
 def case_params(cases=CASES):
-  """pytest parameters for ``cases``: skipped only where the module is absent."""
+  """pytest parameters for ``cases``, one per case."""
   import pytest
-  return [pytest.param(c, id=c.name, marks=pytest.mark.skipif(
-      not module_available(c.module), reason=f"slimoptax.{c.module} does not exist yet"))
-          for c in cases]
+  return [pytest.param(c, id=c.name) for c in cases]
 
 
 def update(tx, case: Case, grads, state, params, obj_fn=None):
@@ -340,7 +332,7 @@ PARAM_SPECS = {
 def param_specs(params):
   from jax.sharding import PartitionSpec as P
 
-  from slimoptax.labels import named_leaves
+  from slimoptax._tree import named_leaves
   named = named_leaves(params)
   assert sorted(p for p, _ in named) == sorted(PARAM_SPECS), [p for p, _ in named]
   return jax.tree.unflatten(jax.tree.structure(params), [P(*PARAM_SPECS[p]) for p, _ in named])
@@ -411,7 +403,7 @@ def run_case(case: Case, mesh, params0, directory: str) -> dict:
 
   import slimoptax.checkpoint as ck
   import slimoptax.sharding as sh
-  from slimoptax.labels import named_leaves
+  from slimoptax._tree import named_leaves
 
   out: dict[str, Any] = {}
   # Reference: one device, no sharding anywhere.
@@ -564,7 +556,7 @@ def main(out_path: str, names: list[str] | None = None) -> None:
 
   from jax.sharding import Mesh
 
-  from slimoptax.labels import named_leaves
+  from slimoptax._tree import named_leaves
   n = jax.device_count()
   result: dict[str, Any] = {"device_count": n, "cases": {}, "skipped": {}, "seconds": {}}
   if n != 8:
@@ -582,9 +574,6 @@ def main(out_path: str, names: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
       for case in CASES:
         if names is not None and case.name not in names:
-          continue
-        if not module_available(case.module):
-          result["skipped"][case.name] = f"slimoptax.{case.module} does not exist"
           continue
         start = time.perf_counter()
         try:

@@ -35,20 +35,15 @@ import pytest
 
 import slimoptax
 from slimoptax import sharding as sh
-from slimoptax.labels import Rule, Rules, named_leaves
+from slimoptax._tree import named_leaves
+from slimoptax.rules import Rule, Rules
 from tests import _sharded_worker as w
 
 UP = "params/block_0/up/kernel"
 
 def matrix(inputs):
-  """pytest params: case x input, skipped where the module is absent."""
-  out = []
-  for case in w.CASES:
-    for name in inputs:
-      marks = [pytest.mark.skipif(not w.module_available(case.module),
-                                  reason=f"slimoptax.{case.module} does not exist yet")]
-      out.append(pytest.param(case, name, id=f"{case.name}-{name}", marks=marks))
-  return out
+  """pytest params: case x input."""
+  return [pytest.param(case, name, id=f"{case.name}-{name}") for case in w.CASES for name in inputs]
 
 
 def _update(tx, case, grads, state, params):
@@ -109,7 +104,7 @@ def _build_for_mismatch(case, name):
   the stateless `orthogonalize`, must accept any tree.
   """
   if (case.name, name) == ("orthogonalize", "reshaped_leaf"):
-    from slimoptax.orthogonalize import orthogonalize
+    from slimoptax._muon import orthogonalize
     return optax.chain(orthogonalize(), optax.scale_by_learning_rate(w.LR))
   return case.build()
 
@@ -251,10 +246,10 @@ def test_scalars_are_never_reduced(case):
     g = {"params": {"temperature": jnp.float32(0.3 - 0.2 * t), "up": {"kernel": jnp.full((4, 4), 0.1)}}}
     p, s, _ = step(p, s, g)
     assert bool(jnp.isfinite(p["params"]["temperature"]))
-  if case.module == "slim_adam":
+  if case.family == "slim_adam":
     # Reference: optax's AdamW on the scalar (unreducible under every preset).
     ref = optax.adamw(w.LR, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                      mask=slimoptax.slim_adam.default_weight_decay_mask)
+                      mask=slimoptax._slim_adam.default_weight_decay_mask)
     rp, rs = params, ref.init(params)
     for t in range(3):
       g = {"params": {"temperature": jnp.float32(0.3 - 0.2 * t), "up": {"kernel": jnp.full((4, 4), 0.1)}}}
@@ -295,9 +290,8 @@ def test_slim_adam_keeps_state_dtypes_with_array_betas():
       p: x.dtype for p, x in named_leaves(state)}
 
 
-@pytest.mark.skipif(not w.module_available("curvature"), reason="slimoptax.curvature is absent")
 def test_sophia_keeps_state_dtypes_with_array_betas():
-  from slimoptax.curvature import sophia
+  from slimoptax._sophia import sophia
   params = w.small_params(jnp.bfloat16)
   tx = sophia(1e-2, b1=jnp.asarray(0.9, jnp.float32), update_every=2)
   state = tx.init(params)
@@ -309,22 +303,19 @@ def test_sophia_keeps_state_dtypes_with_array_betas():
 def _array_beta_builders():
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   out = []
-  if w.module_available("sign"):
-    from slimoptax.sign import scale_by_sign
-    for mode in ("signum", "emasign", "mollified"):
-      eps = 1e-8 if mode == "mollified" else 0.0
-      out.append(pytest.param(
-          lambda mode=mode, eps=eps: optax.chain(scale_by_sign(mode=mode, beta=f32(0.9), eps=eps),
-                                                 optax.scale(-w.LR)), id=f"sign-{mode}"))
-  if w.module_available("variance"):
-    from slimoptax.variance import scale_by_adavar
-    out.append(pytest.param(lambda: optax.chain(scale_by_adavar(f32(0.9), f32(1.0), f32(0.9),
-                                                                bias_correction=True),
-                                                optax.scale(-w.LR)), id="adavar"))
-  if w.module_available("orthogonalize"):
-    from slimoptax.orthogonalize import muon
-    out.append(pytest.param(lambda: muon(w.LR, beta=f32(0.95), adam_b1=f32(0.9),
-                                         adam_compress="slimadam"), id="muon"))
+  from slimoptax._sign import scale_by_sign
+  for mode in ("signum", "emasign", "mollified"):
+    eps = 1e-8 if mode == "mollified" else 0.0
+    out.append(pytest.param(
+        lambda mode=mode, eps=eps: optax.chain(scale_by_sign(mode=mode, beta=f32(0.9), eps=eps),
+                                               optax.scale(-w.LR)), id=f"sign-{mode}"))
+  from slimoptax._adavar import scale_by_adavar
+  out.append(pytest.param(lambda: optax.chain(scale_by_adavar(f32(0.9), f32(1.0), f32(0.9),
+                                                              bias_correction=True),
+                                              optax.scale(-w.LR)), id="adavar"))
+  from slimoptax._muon import muon
+  out.append(pytest.param(lambda: muon(w.LR, beta=f32(0.95), adam_b1=f32(0.9),
+                                       adam_compress="slimadam"), id="muon"))
   return out
 
 
@@ -339,18 +330,16 @@ def test_states_keep_their_dtypes_with_array_betas(build):
       p: x.dtype for p, x in named_leaves(state)}
 
 
-@pytest.mark.skipif(not w.module_available("orthogonalize"), reason="slimoptax.orthogonalize is absent")
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64])
 def test_orthogonalize_refuses_non_float_updates(dtype):
-  from slimoptax.orthogonalize import orthogonalize
+  from slimoptax._muon import orthogonalize
   updates = {"params": {"up": {"kernel": jnp.ones((4, 16), dtype)}}}
   with pytest.raises(ValueError, match=r"params/up/kernel.*" + str(jnp.dtype(dtype))):
     orthogonalize().update(updates, optax.EmptyState())
 
 
-@pytest.mark.skipif(not w.module_available("factored"), reason="slimoptax.factored is absent")
 def test_fan_rules_cover_bare_arrays():
-  from slimoptax.factored import factored_rules
+  from slimoptax._adafactor import factored_rules
   rules = factored_rules()
   assert rules.match("", ()).axes == ()
   assert rules.match("", (4, 4)).axes == (-2, -1)

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import slimoptax
-from slimoptax.labels import named_leaves
+from slimoptax._tree import named_leaves
 from tests import _sharded_worker as w
 
 STEPS, K = 5, 2
@@ -125,9 +125,8 @@ def test_restore_adafactor_with_other_factored_axes(tmp_path):
     slimoptax.restore_state(checkpointer, ckpt, slimoptax.abstract_state(make("fan"), params))
 
 
-@pytest.mark.skipif(not w.module_available("curvature"), reason="slimoptax.curvature is absent")
 def test_restore_sophia_with_other_compression(tmp_path):
-  from slimoptax.curvature import sophia
+  from slimoptax._sophia import sophia
   params = w.small_params()
   checkpointer, ckpt = _save(tmp_path, sophia(1e-2, compress="slimadam").init(params))
   with pytest.raises(slimoptax.StateMismatchError, match=r"'0/h/params/wte/embedding'"):
@@ -202,8 +201,7 @@ def test_update_with_a_state_from_other_rules_names_the_path():
 
 def test_saved_metadata_paths_match_named_leaves(tmp_path):
   params = w.small_params()
-  state = slimoptax.muon(1e-2, adam_compress="slimadam").init(params) if w.module_available(
-      "orthogonalize") else slimoptax.slim_adamw(1e-2).init(params)
+  state = slimoptax.muon(1e-2, adam_compress="slimadam").init(params)
   checkpointer, ckpt = _save(tmp_path, state)
   saved = slimoptax.checkpoint.saved_state_metadata(checkpointer, ckpt)
   assert saved == {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in named_leaves(state)}

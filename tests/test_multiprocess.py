@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from slimoptax.labels import named_leaves
+from slimoptax._tree import named_leaves
 from tests import _sharded_worker as w
 from tests.conftest import REPO
 

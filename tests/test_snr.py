@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import slimoptax
-from slimoptax import analysis as snr_lib
+from slimoptax import _snr as snr_lib
 
 
 def numpy_snr(v, axes):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from slimoptax import labels as labels_lib
+from slimoptax import _tree
 
 SIGN_MODES: tuple[str, ...] = ("signsgd", "signum", "emasign", "mollified")
 _INITS = ("zero", "grad")
@@ -122,7 +122,7 @@ def scale_by_sign(
   mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
 
   def init_fn(params):
-    labels_lib.check_float_params(params)
+    _tree.check_float_params(params)
     mu = None
     if mode != "signsgd":
       mu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype=mu_dtype or p.dtype), params)
@@ -143,11 +143,11 @@ def scale_by_sign(
     count_inc = optax.safe_increment(state.count)
     if mode == "signsgd":
       return jax.tree.map(jnp.sign, updates), ScaleBySignState(count=count_inc, mu=None)
-    mu_leaves = labels_lib.leaves_like(updates, state.mu, what="state.mu")
+    mu_leaves = _tree.leaves_like(updates, state.mu, what="state.mu")
     g_leaves, treedef = jax.tree_util.tree_flatten(updates)
     first = state.count == 0
     new_d, new_mu = [], []
-    for (path, _), g, m in zip(labels_lib.named_leaves(updates), g_leaves, mu_leaves):
+    for (path, _), g, m in zip(_tree.named_leaves(updates), g_leaves, mu_leaves):
       if tuple(jnp.shape(m)) != tuple(jnp.shape(g)):
         raise ValueError(
             f"EMA of {path!r} has shape {tuple(jnp.shape(m))} but the update has "

@@ -35,7 +35,8 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from slimoptax import labels as labels_lib
+from slimoptax import _tree, layers
+from slimoptax import rules as rules_lib
 
 Pair = tuple[int, int]
 FactoredAxes = Any  # None | str | Rules | mapping | callable | pytree of (row, col) / None
@@ -104,7 +105,7 @@ def _last_two_pair(shape: tuple[int, ...]) -> Pair | None:
   return len(shape) - 2, len(shape) - 1
 
 
-def factored_rules() -> labels_lib.Rules:
+def factored_rules() -> rules_lib.Rules:
   """The ``"fan"`` preset: factor each kernel over (fan_in, fan_out).
 
   Layer types are recognised from paths as in `slimoptax.preset` (Flax
@@ -129,20 +130,20 @@ def factored_rules() -> labels_lib.Rules:
   }
   three_d = {"query": ("fan_in", "head_dim"), "key": ("fan_in", "head_dim"),
              "value": ("fan_in", "head_dim"), "attn_out": ("head_dim", "fan_out")}
-  rules: list[labels_lib.Rule] = []
-  for pattern, ltype in labels_lib.LAYER_PATTERNS:
+  out: list[rules_lib.Rule] = []
+  for pattern, ltype in layers.LAYER_PATTERNS:
     if ltype in ("norm", "bias", "scalar"):
-      rules.append(labels_lib.Rule(pattern, ltype, (), warn_unused=False))
+      out.append(rules_lib.Rule(pattern, ltype, (), warn_unused=False))
       continue
-    rules.append(labels_lib.Rule(pattern, ltype, two_d[ltype], warn_unused=False,
+    out.append(rules_lib.Rule(pattern, ltype, two_d[ltype], warn_unused=False,
                                  min_ndim=2, max_ndim=2))
     if ltype in three_d:
-      rules.append(labels_lib.Rule(pattern, ltype, three_d[ltype], warn_unused=False,
+      out.append(rules_lib.Rule(pattern, ltype, three_d[ltype], warn_unused=False,
                                    min_ndim=3, max_ndim=3))
-    rules.append(labels_lib.Rule(pattern, ltype, (-2, -1), warn_unused=False, min_ndim=3))
-  rules.append(labels_lib.Rule(r"^", "other", (-2, -1), warn_unused=False, min_ndim=2))
-  rules.append(labels_lib.Rule(r"^", "other", (), warn_unused=False, max_ndim=1))
-  return labels_lib.Rules(rules, name="fan")
+    out.append(rules_lib.Rule(pattern, ltype, (-2, -1), warn_unused=False, min_ndim=3))
+  out.append(rules_lib.Rule(r"^", "other", (-2, -1), warn_unused=False, min_ndim=2))
+  out.append(rules_lib.Rule(r"^", "other", (), warn_unused=False, max_ndim=1))
+  return rules_lib.Rules(out, name="fan")
 
 
 def _check_pair(path: str, shape: tuple[int, ...], pair: Any, what: str) -> Pair | None:
@@ -163,9 +164,9 @@ def _check_pair(path: str, shape: tuple[int, ...], pair: Any, what: str) -> Pair
   return out[0], out[1]
 
 
-def _rule_pair(rule: labels_lib.Rule, path: str, shape: tuple[int, ...], what: str) -> Pair | None:
+def _rule_pair(rule: rules_lib.Rule, path: str, shape: tuple[int, ...], what: str) -> Pair | None:
   """Resolves a rule's ``(row, col)`` entry, semantic names included, for one parameter."""
-  if rule.axes == labels_lib.UNSUPPORTED:
+  if rule.axes == rules_lib.UNSUPPORTED:
     raise ValueError(
         f"parameter {path!r} (shape {shape}) is a {rule.label!r} layer, which these rules do not "
         "handle; add a rule with explicit axes for it")
@@ -181,11 +182,11 @@ def _rule_pair(rule: labels_lib.Rule, path: str, shape: tuple[int, ...], what: s
     if isinstance(a, int):
       out.append(a)
       continue
-    if rule.label not in labels_lib.LAYER_TYPES:
+    if rule.label not in layers.LAYER_TYPES:
       raise ValueError(
           f"{what}: rule {rule.pattern!r} uses semantic axis {a!r} but its label {rule.label!r} is "
-          f"not a layer type (parameter {path!r}); known: {sorted(labels_lib.LAYER_TYPES)}")
-    _, roles = labels_lib.axis_roles(rule.label, shape, path=path)
+          f"not a layer type (parameter {path!r}); known: {sorted(layers.LAYER_TYPES)}")
+    _, roles = layers.axis_roles(rule.label, shape, path=path)
     if a not in roles:
       raise ValueError(
           f"{what}: axis role {a!r} is not defined for parameter {path!r} of layer type "
@@ -199,9 +200,9 @@ def _rule_pair(rule: labels_lib.Rule, path: str, shape: tuple[int, ...], what: s
   return _check_pair(path, shape, tuple(out), what)
 
 
-def _resolve_rules(params: Any, rules: labels_lib.Rules, what: str, warn: bool):
+def _resolve_rules(params: Any, rules: rules_lib.Rules, what: str, warn: bool):
   out, used = [], set()
-  for path, leaf in labels_lib.named_leaves(params):
+  for path, leaf in _tree.named_leaves(params):
     shape = tuple(int(s) for s in jnp.shape(leaf))
     for i, rule in enumerate(rules.rules):
       if rule.matches(path, len(shape)):
@@ -268,10 +269,10 @@ def resolve_factored_axes(
     >>> slimoptax.resolve_factored_axes({"w": jnp.zeros((256, 512))})
     [('w', (256, 512), (0, 1))]
   """
-  named = labels_lib.named_leaves(params)
+  named = _tree.named_leaves(params)
   shapes = [(p, tuple(int(s) for s in jnp.shape(x))) for p, x in named]
   spec = factored_axes
-  if callable(spec) and not isinstance(spec, labels_lib.Rules):
+  if callable(spec) and not isinstance(spec, rules_lib.Rules):
     spec = spec(params)
   if spec is None or (isinstance(spec, str) and spec in ("largest", "last_two")):
     fn = _last_two_pair if spec == "last_two" else _largest_pair
@@ -280,16 +281,16 @@ def resolve_factored_axes(
     if spec != "fan":
       raise ValueError(f"unknown {what} preset {spec!r}; known: {FACTORED_PRESETS}")
     resolved = _resolve_rules(params, factored_rules(), what, warn=False)
-  elif isinstance(spec, labels_lib.Rules):
+  elif isinstance(spec, rules_lib.Rules):
     resolved = _resolve_rules(params, spec, what, warn)
-  elif (isinstance(spec, Mapping) and not labels_lib._is_param_like(spec, params)
+  elif (isinstance(spec, Mapping) and not _tree.is_param_like(spec, params)
         and _is_flat_mapping(spec)):
-    resolved = _resolve_rules(params, labels_lib.Rules.from_dict(spec), what, warn)
-  elif (isinstance(spec, list) and spec and isinstance(spec[0], (labels_lib.Rule, tuple))
-        and not labels_lib._is_param_like(spec, params)):
-    resolved = _resolve_rules(params, labels_lib.Rules(spec), what, warn)
+    resolved = _resolve_rules(params, rules_lib.Rules.from_dict(spec), what, warn)
+  elif (isinstance(spec, list) and spec and isinstance(spec[0], (rules_lib.Rule, tuple))
+        and not _tree.is_param_like(spec, params)):
+    resolved = _resolve_rules(params, rules_lib.Rules(spec), what, warn)
   else:
-    per_leaf = labels_lib.leaves_like(params, spec, what=what)
+    per_leaf = _tree.leaves_like(params, spec, what=what)
     resolved = [(p, s, _check_pair(p, s, a, what)) for (p, s), a in zip(shapes, per_leaf)]
   out = []
   for p, s, pair in resolved:
@@ -411,7 +412,7 @@ def scale_by_adafactor(
         tree, factored_axes, min_dim_size_to_factor=min_dim_size_to_factor, warn=warn)]
 
   def init_fn(params):
-    labels_lib.check_float_params(params)
+    _tree.check_float_params(params)
     pairs = _pairs(params, warn=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     stats = {"v_row": [], "v_col": [], "v": []}
@@ -430,14 +431,14 @@ def scale_by_adafactor(
       raise ValueError("scale_by_adafactor(multiply_by_parameter_scale=True) needs `params` in "
                        "update(); pass them or set multiply_by_parameter_scale=False")
     pairs = _pairs(updates, warn=False)
-    named = labels_lib.named_leaves(updates)
+    named = _tree.named_leaves(updates)
     g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    rows = labels_lib.leaves_like(updates, state.v_row, what="state.v_row")
-    cols = labels_lib.leaves_like(updates, state.v_col, what="state.v_col")
-    vs = labels_lib.leaves_like(updates, state.v, what="state.v")
-    mus = (labels_lib.leaves_like(updates, state.mu, what="state.mu") if b1 is not None
+    rows = _tree.leaves_like(updates, state.v_row, what="state.v_row")
+    cols = _tree.leaves_like(updates, state.v_col, what="state.v_col")
+    vs = _tree.leaves_like(updates, state.v, what="state.v")
+    mus = (_tree.leaves_like(updates, state.mu, what="state.mu") if b1 is not None
            else [None] * len(g_leaves))
-    p_leaves = (labels_lib.leaves_like(updates, params, what="params") if params is not None
+    p_leaves = (_tree.leaves_like(updates, params, what="params") if params is not None
                 else [None] * len(g_leaves))
     beta2 = decay_rate_fn(state.count - step_offset, decay_rate)
     count_inc = optax.safe_increment(state.count)

@@ -66,8 +66,8 @@ import optax
 from jax.typing import ArrayLike
 from optax.contrib import MuonDimensionNumbers
 
-from slimoptax import labels as labels_lib
-from slimoptax import slim_adam
+from slimoptax import _slim_adam as slim_adam
+from slimoptax import _tree, layers, presets
 
 QUINTIC_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic Newton–Schulz coefficients (a, b, c)."""
@@ -180,13 +180,13 @@ def default_dims(path: str, shape: Sequence[int], *, per_head: bool = False,
   if len(shape) < 2:
     return None
   try:
-    ltype = labels_lib.layer_type(path, shape)
+    ltype = presets.layer_type(path, shape)
   except ValueError as err:
     raise ValueError(f"{err}; or give `dims` for it explicitly") from None
   if ltype in EXCLUDED_LAYER_TYPES:
     return None
   is_attn = ltype in ("query", "key", "value", "attn_out")
-  view, roles = labels_lib.axis_roles(
+  view, roles = layers.axis_roles(
       ltype, shape, num_heads=num_heads if (per_head and is_attn) else None, path=path)
   if per_head and is_attn:
     if "heads" not in roles:
@@ -212,9 +212,9 @@ def _leaf_specs(tree: Any, dims: Dims, per_head: bool, num_heads: int | None):
   """
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)
-  paths = [labels_lib.path_str(p) for p, _ in with_path]
+  paths = [_tree.path_str(p) for p, _ in with_path]
   leaves = [x for _, x in with_path]
-  shapes = [None if is_masked(x) else labels_lib._shape(x) for x in leaves]
+  shapes = [None if is_masked(x) else _tree.shape_of(x) for x in leaves]
   if dims is None:
     specs = [None if s is None else default_dims(p, s, per_head=per_head, num_heads=num_heads)
              for p, s in zip(paths, shapes)]
@@ -228,7 +228,7 @@ def _leaf_specs(tree: Any, dims: Dims, per_head: bool, num_heads: int | None):
         raw = treedef.flatten_up_to(resolved)
       except (ValueError, TypeError):
         # Report missing / extra paths the way the rest of the library does.
-        labels_lib.leaves_like(tree, resolved, what="dims")
+        _tree.leaves_like(tree, resolved, what="dims")
         raise
     specs = [None if s is None else _normalize_spec(p, s, d)
              for p, s, d in zip(paths, shapes, raw)]
@@ -473,7 +473,7 @@ def orthogonalize(
   def update_fn(updates, state, params=None):
     del params
     # Integer updates would come back as zeros, complex ones without their imaginary part.
-    labels_lib.check_float_params(updates, what="update")
+    _tree.check_float_params(updates, what="update")
     leaves, treedef, specs = _leaf_specs(updates, dims, per_head, num_heads)
     out = [orthogonalize_leaf(u, s, ns_steps, ns_coeffs, eps=eps, dtype=dtype, precision=precision)
            if s is not None else u for u, s in zip(leaves, specs)]
@@ -482,7 +482,7 @@ def orthogonalize(
   def init_fn(params):
     # Integer / complex parameters (a momentum in front may already have promoted the
     # updates to float, hiding them from update_fn's check).
-    labels_lib.check_float_params(params)
+    _tree.check_float_params(params)
     return optax.EmptyState()
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -535,7 +535,7 @@ def scale_by_matrix_shape(
   def update_fn(updates, state, params=None):
     del params
     # Integer updates would come back as zeros, complex ones without their imaginary part.
-    labels_lib.check_float_params(updates, what="update")
+    _tree.check_float_params(updates, what="update")
     leaves, treedef, specs = _leaf_specs(updates, dims, per_head, num_heads)
     out = []
     for u, s in zip(leaves, specs):
@@ -553,7 +553,7 @@ def scale_by_matrix_shape(
   def init_fn(params):
     # Integer / complex parameters (a momentum in front may already have promoted the
     # updates to float, hiding them from update_fn's check).
-    labels_lib.check_float_params(params)
+    _tree.check_float_params(params)
     return optax.EmptyState()
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -637,7 +637,7 @@ def scale_by_muon(
                                       num_heads=num_heads)
 
   def init_fn(params):
-    labels_lib.check_float_params(params)
+    _tree.check_float_params(params)
     matrix_dims(params, dims, per_head=per_head, num_heads=num_heads)  # fail early
     return ScaleByMuonState(
         count=jnp.zeros([], jnp.int32),
@@ -653,8 +653,8 @@ def scale_by_muon(
         lambda x: _MASKED if isinstance(x, optax.MaskedNode) else x, t,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     marked_updates = marked(updates)
-    for (path, g), m in zip(labels_lib.named_leaves(marked_updates),
-                            labels_lib.leaves_like(marked_updates, marked(state.mu),
+    for (path, g), m in zip(_tree.named_leaves(marked_updates),
+                            _tree.leaves_like(marked_updates, marked(state.mu),
                                                    what="state.mu")):
       if (g is _MASKED) != (m is _MASKED):
         raise ValueError(

@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 import slimoptax
-from slimoptax import labels
+from slimoptax import _tree as tree_lib
+from slimoptax import layers as layers_lib
+from slimoptax import rules as rules_lib
 from tests.models import NNXGPT, LinenCNN, LinenGPT
 
 
@@ -36,8 +38,8 @@ def gpt2_small(*, dense_attention=False, layers=12, d=768, heads=12, vocab=50304
 
 
 def kept(tree, axes):
-  flat_axes = labels.leaves_like(tree, axes, what="axes")
-  return sum(labels.kept_entries(x.shape, a) for x, a in zip(jax.tree.leaves(tree), flat_axes))
+  flat_axes = tree_lib.leaves_like(tree, axes, what="axes")
+  return sum(rules_lib.kept_entries(x.shape, a) for x, a in zip(jax.tree.leaves(tree), flat_axes))
 
 
 @pytest.mark.parametrize("dense_attention", [False, True])
@@ -69,7 +71,7 @@ def test_slimadam_axes_orientation_on_nnx_gpt():
   model = NNXGPT(rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   axes = slimoptax.compression_axes(params, "slimadam")
-  flat = dict(zip([p for p, _ in labels.named_leaves(params)], labels.leaves_like(params, axes, what="axes")))
+  flat = dict(zip([p for p, _ in tree_lib.named_leaves(params)], tree_lib.leaves_like(params, axes, what="axes")))
   assert flat["blocks/0/attn/query/kernel"] == (0,)      # (d, H, hd): fan_in
   assert flat["blocks/0/attn/key/kernel"] == (0,)
   assert flat["blocks/0/attn/value/kernel"] == (1, 2)    # fan_out = heads x head_dim
@@ -80,7 +82,7 @@ def test_slimadam_axes_orientation_on_nnx_gpt():
   assert flat["lm_head/kernel"] == (0,)                  # (d, vocab): fan_in, one per token
   assert flat["ln_f/scale"] == () and flat["blocks/0/ln_1/scale"] == ()
   am = slimoptax.compression_axes(params, "adam-mini")
-  flat_am = dict(zip(flat, labels.leaves_like(params, am, what="axes")))
+  flat_am = dict(zip(flat, tree_lib.leaves_like(params, am, what="axes")))
   assert flat_am["blocks/0/attn/query/kernel"] == (0, 2)  # keep heads
   assert flat_am["blocks/0/attn/out/kernel"] == (0, 1)    # one per output neuron
   assert flat_am["lm_head/kernel"] == (0,)
@@ -123,8 +125,8 @@ def test_heads_view_numbers_match_numpy():
   g = np.random.default_rng(0).normal(size=(d, H * hd)).astype(np.float32)
   axes = slimoptax.compression_axes({"attn": {"q_proj": {"kernel": S(d, H * hd)}}}, "adam-mini", num_heads=H)
   spec = axes["attn"]["q_proj"]["kernel"]
-  assert spec == labels.Reshaped((d, H, hd), (0, 2))
-  ours = slimoptax.slim_adam.mean_square(jnp.asarray(g), spec)
+  assert spec == layers_lib.Reshaped((d, H, hd), (0, 2))
+  ours = slimoptax._slim_adam.mean_square(jnp.asarray(g), spec)
   ref = (g.reshape(d, H, hd) ** 2).mean(axis=(0, 2))
   np.testing.assert_allclose(np.asarray(ours).reshape(H), ref, rtol=1e-6)
 

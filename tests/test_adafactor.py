@@ -12,8 +12,9 @@ import optax
 import pytest
 
 import slimoptax
-from slimoptax import labels
-from slimoptax.factored import (
+from slimoptax import _tree as tree_lib
+from slimoptax import rules as rules_lib
+from slimoptax._adafactor import (
     decay_rate_constant,
     decay_rate_pow,
     resolve_factored_axes,
@@ -151,8 +152,8 @@ def test_matches_optax_scale_by_factored_rms(cfg):
     ru, rs = rstep(g, rs, params)
     jax.tree.map(lambda a, b: _close(a, b, rtol=1e-5), u, ru)
     for (path, _), vr, vc, v, rvr, rvc, rv in zip(
-        labels.named_leaves(params), labels.leaves_like(params, s.v_row, what="v_row"),
-        labels.leaves_like(params, s.v_col, what="v_col"), labels.leaves_like(params, s.v, what="v"),
+        tree_lib.named_leaves(params), tree_lib.leaves_like(params, s.v_row, what="v_row"),
+        tree_lib.leaves_like(params, s.v_col, what="v_col"), tree_lib.leaves_like(params, s.v, what="v"),
         jax.tree.leaves(rs.v_row), jax.tree.leaves(rs.v_col), jax.tree.leaves(rs.v)):
       if pairs[path] is None:
         assert vr is None and vc is None
@@ -208,8 +209,8 @@ def test_matches_numpy_general_axes(cfg):
   ref = NumpyAdafactor(pairs, **cfg)
   state = _run_lockstep(tx, params, grads, ref)
   leaves = jax.tree.leaves(params)
-  for i, (vr, vc) in enumerate(zip(labels.leaves_like(params, state.v_row, what="v_row"),
-                                   labels.leaves_like(params, state.v_col, what="v_col"))):
+  for i, (vr, vc) in enumerate(zip(tree_lib.leaves_like(params, state.v_row, what="v_row"),
+                                   tree_lib.leaves_like(params, state.v_col, what="v_col"))):
     if pairs[i] is not None:
       row, col = ref.state_means(i, leaves[i].shape)
       _close(vr, row, rtol=1e-5)
@@ -239,7 +240,7 @@ def test_rules_with_semantic_axes_match_numpy():
   shapes = {"params": {"Dense_0": {"kernel": (12, 10), "bias": (10,)},
                        "attn": {"query": {"kernel": (10, 2, 5)}, "out": {"kernel": (2, 5, 10)}},
                        "LayerNorm_0": {"scale": (10,)}}}
-  rules = labels.Rules([
+  rules = rules_lib.Rules([
       (r"query/kernel$", "query", ("fan_in", "head_dim")),
       (r"attn/out/kernel$", "attn_out", ("head_dim", "fan_out")),
       (r"Dense_\d+/kernel$", "dense", ("fan_in", "fan_out")),
@@ -254,7 +255,7 @@ def test_rules_with_semantic_axes_match_numpy():
   fan = {p: a for p, _, a in resolve_factored_axes(params, "fan", min_dim_size_to_factor=1)}
   assert fan == resolved
   tx = scale_by_adafactor(factored_axes=rules, min_dim_size_to_factor=1, b1=0.9)
-  ref = NumpyAdafactor([resolved[p] for p, _ in labels.named_leaves(params)], b1=0.9)
+  ref = NumpyAdafactor([resolved[p] for p, _ in tree_lib.named_leaves(params)], b1=0.9)
   _run_lockstep(tx, params, _grad_seq(shapes, seed=90), ref)
 
 
@@ -399,14 +400,14 @@ def test_bad_inputs_name_the_parameter():
   with pytest.raises(ValueError, match="'enc/kernel'.*out of range"):
     scale_by_adafactor(factored_axes={"enc": {"kernel": (0, 2), "bias": None}}).init(params)
   attn = {"attn": {"out": {"kernel": jnp.ones((2, 3, 8))}}}
-  bad_rules = labels.Rules([(r"out/kernel$", "attn_out", ("fan_in", "fan_out"))])
+  bad_rules = rules_lib.Rules([(r"out/kernel$", "attn_out", ("fan_in", "fan_out"))])
   with pytest.raises(ValueError, match="'attn/out/kernel'.*spans axes \\(0, 1\\)"):
     scale_by_adafactor(factored_axes=bad_rules, min_dim_size_to_factor=1).init(attn)
-  one_axis = labels.Rules([(r"kernel$", "dense", ("fan_in",))])
+  one_axis = rules_lib.Rules([(r"kernel$", "dense", ("fan_in",))])
   with pytest.raises(ValueError, match="exactly two axes"):
     resolve_factored_axes({"k": {"kernel": jnp.ones((3, 3))}}, one_axis)
   with pytest.raises(ValueError, match="no rule"):
-    resolve_factored_axes({"x": jnp.ones((3, 3))}, labels.Rules([(r"^y$", "dense", (0, 1))]))
+    resolve_factored_axes({"x": jnp.ones((3, 3))}, rules_lib.Rules([(r"^y$", "dense", (0, 1))]))
   with pytest.raises(ValueError, match="unknown factored_axes preset"):
     resolve_factored_axes(params, "rows")
   # A state made with other factored axes.

@@ -11,8 +11,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import slimoptax
-from slimoptax import curvature
-from slimoptax.labels import Reshaped
+from slimoptax import _sophia as curvature
+from slimoptax.layers import Reshaped
 from tests.models import NNXGPT
 
 
@@ -22,7 +22,7 @@ def _randn(seed, *shape, scale=1.0):
 
 
 def _tree_close(x, y, **kw):
-  for (path, a), (_, b) in zip(slimoptax.labels.named_leaves(x), slimoptax.labels.named_leaves(y)):
+  for (path, a), (_, b) in zip(slimoptax._tree.named_leaves(x), slimoptax._tree.named_leaves(y)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), err_msg=path, **kw)
 
 
@@ -385,7 +385,7 @@ def test_compress_preset_on_nnx_gpt():
   tx = slimoptax.sophia(1e-3, compress="slimadam")
   state = jax.eval_shape(tx.init, params)
   axes = slimoptax.compression_axes(params, "slimadam")
-  expected = jax.tree.map(lambda p, a: slimoptax.labels.reduced_shape(p.shape, a), params, axes,
+  expected = jax.tree.map(lambda p, a: slimoptax.rules.reduced_shape(p.shape, a), params, axes,
                           is_leaf=lambda a: isinstance(a, tuple))
   got = jax.tree.map(lambda h: tuple(h.shape), state[0].h)
   assert jax.tree.leaves(got, is_leaf=lambda a: isinstance(a, tuple)) == \

@@ -1,6 +1,5 @@
 """Newton–Schulz orthogonalization and Muon: numpy SVD, optax.contrib.muon, FLOPs, training."""
 
-import importlib
 import math
 
 import jax
@@ -12,11 +11,9 @@ import pytest
 from flax import nnx
 
 import slimoptax
-from slimoptax.orthogonalize import MuonDimensionNumbers as MDN
+from slimoptax import _muon as orth
+from slimoptax._muon import MuonDimensionNumbers as MDN
 from tests.models import NNXGPT, LinenCNN
-
-# `slimoptax.orthogonalize` is the transformation; the module is reached through importlib.
-orth = importlib.import_module("slimoptax.orthogonalize")
 
 A, B, C = orth.QUINTIC_COEFFS
 
@@ -180,7 +177,7 @@ def test_default_dims_from_layer_types(gpt):
   # (named_leaves would flatten the NamedTuple specs, so pair them with the params' paths.)
   params = gpt[1]
   specs = jax.tree.leaves(orth.matrix_dims(params), is_leaf=lambda x: x is None or isinstance(x, MDN))
-  table = {p: s for (p, _), s in zip(slimoptax.labels.named_leaves(params), specs)}
+  table = {p: s for (p, _), s in zip(slimoptax._tree.named_leaves(params), specs)}
   assert table["blocks/0/attn/query/kernel"] == MDN((0,), (1, 2))
   assert table["blocks/0/attn/value/kernel"] == MDN((0,), (1, 2))
   assert table["blocks/0/attn/out/kernel"] == MDN((0, 1), (2,))
@@ -189,7 +186,7 @@ def test_default_dims_from_layer_types(gpt):
   for excluded in ("wte/embedding", "wpe/embedding", "lm_head/kernel", "ln_f/scale",
                    "blocks/0/ln_1/scale"):
     assert table[excluded] is None, excluded
-  labels = dict(slimoptax.labels.named_leaves(orth.muon_labels(params)))
+  labels = dict(slimoptax._tree.named_leaves(orth.muon_labels(params)))
   assert labels["lm_head/kernel"] == "adam" and labels["blocks/0/mlp/up/kernel"] == "muon"
   # Conv kernels: (h, w, in, out) -> rows (h, w, in), columns out; BatchNorm excluded.
   # (LinenCNN's parameter shapes, without paying for its initialization.)
@@ -231,9 +228,9 @@ def test_excluded_leaves_pass_through_bit_identically(gpt):
   grads = jax.tree.map(lambda p: _randn(p.size, *p.shape), params)
   tx = slimoptax.orthogonalize()
   out, _ = jax.jit(tx.update)(grads, tx.init(grads))
-  labels = dict(slimoptax.labels.named_leaves(orth.muon_labels(params)))
-  g = dict(slimoptax.labels.named_leaves(grads))
-  for path, u in slimoptax.labels.named_leaves(out):
+  labels = dict(slimoptax._tree.named_leaves(orth.muon_labels(params)))
+  g = dict(slimoptax._tree.named_leaves(grads))
+  for path, u in slimoptax._tree.named_leaves(out):
     if labels[path] == "adam":
       assert np.asarray(u).tobytes() == np.asarray(g[path]).tobytes(), path
     else:
@@ -319,7 +316,7 @@ def _run(tx, params, steps, seed=10):
 
 
 def _assert_trees_close(x, y, atol):
-  for (path, a), (_, b) in zip(slimoptax.labels.named_leaves(x), slimoptax.labels.named_leaves(y)):
+  for (path, a), (_, b) in zip(slimoptax._tree.named_leaves(x), slimoptax._tree.named_leaves(y)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0, err_msg=path)
 
 

@@ -48,8 +48,9 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from slimoptax import labels as labels_lib
-from slimoptax import slim_adam
+from slimoptax import _slim_adam as slim_adam
+from slimoptax import _tree, layers
+from slimoptax import rules as rules_lib
 
 Compress = Any  # None | str | Rules | mapping | callable | pytree of axes
 
@@ -230,9 +231,9 @@ class ScaleByHutchinsonState(NamedTuple):
   win_rate: chex.Array
 
 
-def _mean_over(x: jax.Array, axes: labels_lib.Axes | labels_lib.Reshaped) -> jax.Array:
+def _mean_over(x: jax.Array, axes: layers.Axes | layers.Reshaped) -> jax.Array:
   """Mean over ``axes`` with kept dims (in ``x``'s view), like `slim_adam.mean_square`."""
-  if isinstance(axes, labels_lib.Reshaped):
+  if isinstance(axes, layers.Reshaped):
     x = x.reshape(axes.shape)
     axes = axes.axes
   if not axes:
@@ -241,13 +242,13 @@ def _mean_over(x: jax.Array, axes: labels_lib.Axes | labels_lib.Reshaped) -> jax
 
 
 def _divide(m: jax.Array, den: jax.Array, axes) -> jax.Array:
-  if isinstance(axes, labels_lib.Reshaped):
+  if isinstance(axes, layers.Reshaped):
     return (m.reshape(axes.shape) / den).reshape(m.shape)
   return m / den
 
 
 def _resolve(tree: Any, compress: Compress, num_heads: int | None, *, warn: bool):
-  return [a for _, _, a in labels_lib.resolve_axes_spec(
+  return [a for _, _, a in rules_lib.resolve_tree(
       tree, compress, what="compress", num_heads=num_heads, warn=warn)]
 
 
@@ -409,7 +410,7 @@ def scale_by_hutchinson(
     return gnb_estimate(logits_fn, params, key, batch_size=gnb_batch_size)
 
   def init_fn(params):
-    labels_lib.check_float_params(params)
+    _tree.check_float_params(params)
     axes = _resolve(params, compress, num_heads, warn=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     # An integer scalar (also an array: optax.inject_hyperparams) is a seed, else a key.
@@ -422,7 +423,7 @@ def scale_by_hutchinson(
         mu=jax.tree_util.tree_unflatten(
             treedef, [jnp.zeros(p.shape, mu_dtype or p.dtype) for p in leaves]),
         h=jax.tree_util.tree_unflatten(
-            treedef, [jnp.zeros(labels_lib.reduced_shape(p.shape, a), h_dtype or p.dtype)
+            treedef, [jnp.zeros(rules_lib.reduced_shape(p.shape, a), h_dtype or p.dtype)
                       for p, a in zip(leaves, axes)]),
         win_rate=jnp.zeros([], jnp.float32),
     )
@@ -432,15 +433,15 @@ def scale_by_hutchinson(
       raise ValueError("scale_by_hutchinson needs params: update(updates, state, params, ...)")
     axes = _resolve(updates, compress, num_heads, warn=False)
     g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    paths = [path for path, _ in labels_lib.named_leaves(updates)]
-    mu_leaves = labels_lib.leaves_like(updates, state.mu, what="state.mu")
-    h_state_leaves = labels_lib.leaves_like(updates, state.h, what="state.h")
+    paths = [path for path, _ in _tree.named_leaves(updates)]
+    mu_leaves = _tree.leaves_like(updates, state.mu, what="state.mu")
+    h_state_leaves = _tree.leaves_like(updates, state.h, what="state.h")
     for path, m, h, a, g in zip(paths, mu_leaves, h_state_leaves, axes, g_leaves):
       if tuple(m.shape) != tuple(g.shape):
         raise ValueError(
             f"momentum of {path!r} has shape {tuple(m.shape)} but the update has "
             f"{tuple(g.shape)}: the state was created for other parameters")
-      expected = labels_lib.reduced_shape(g.shape, a)
+      expected = rules_lib.reduced_shape(g.shape, a)
       if tuple(h.shape) != expected:
         raise ValueError(
             f"curvature EMA of {path!r} has shape {tuple(h.shape)} but the compression rules give "
@@ -449,7 +450,7 @@ def scale_by_hutchinson(
     def refresh(key, h_tree):
       key, sub = jax.random.split(key)
       est = estimate(params, sub, extra_args)
-      est_leaves = labels_lib.leaves_like(updates, est, what="curvature estimate")
+      est_leaves = _tree.leaves_like(updates, est, what="curvature estimate")
       h_leaves = treedef.flatten_up_to(h_tree)
       new_h = [(b2 * h + (1 - b2) * _mean_over(e, a).astype(h.dtype)).astype(h.dtype)
                for h, e, a in zip(h_leaves, est_leaves, axes)]

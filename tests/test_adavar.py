@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import slimoptax
-from slimoptax.variance import mean_variance_from_adam, scale_by_adavar
+from slimoptax._adavar import mean_variance_from_adam, scale_by_adavar
 
 STEPS = 25
 SHAPES = {"params": {"Dense_0": {"kernel": (7, 5), "bias": (5,)}, "Dense_1": {"kernel": (5, 3)}}}

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slimoptax import labels as labels_lib
+from slimoptax import _tree, layers, presets
+from slimoptax import rules as rules_lib
 
 SNRTable = Mapping[str, Mapping[tuple[int, ...], float]]
 
@@ -69,8 +70,8 @@ def candidate_axes(path: str, shape: Sequence[int]) -> list[tuple[int, ...]]:
   if len(shape) == 1:
     return [(0,)]
   try:
-    ltype = labels_lib.layer_type(path, shape)
-    _, roles = labels_lib.axis_roles(ltype, shape, path=path)
+    ltype = presets.layer_type(path, shape)
+    _, roles = layers.axis_roles(ltype, shape, path=path)
   except ValueError:
     roles = {}
   fan_in = roles.get("fan_in", tuple(range(len(shape) - 1)))
@@ -89,9 +90,9 @@ def find_second_moment(opt_state: Any, params: Any) -> Any:
   """
   import optax  # local: optax.tree.get_all_with_path
 
-  want = [p for p, _ in labels_lib.named_leaves(params)]
+  want = [p for p, _ in _tree.named_leaves(params)]
   for _, nu in optax.tree.get_all_with_path(opt_state, "nu"):
-    if [p for p, _ in labels_lib.named_leaves(nu)] == want:
+    if [p for p, _ in _tree.named_leaves(nu)] == want:
       return nu
   raise ValueError(
       "no second moment `nu` with the parameters' paths in this optimizer state "
@@ -130,7 +131,7 @@ class SNRTracker:
     self.steps = set(int(s) for s in steps)
     self.shapes: dict[str, tuple[int, ...]] = {}
     self.candidates: dict[str, list[tuple[int, ...]]] = {}
-    for path, leaf in labels_lib.named_leaves(params):
+    for path, leaf in _tree.named_leaves(params):
       shape = tuple(np.shape(leaf))
       self.shapes[path] = shape
       cands = (candidates or {}).get(path)
@@ -145,7 +146,7 @@ class SNRTracker:
 
   def _measure_impl(self, nu):
     out = {}
-    for path, v in labels_lib.named_leaves(nu):
+    for path, v in _tree.named_leaves(nu):
       out[path] = [snr(v, c) for c in self.candidates[path]]
     return out
 
@@ -196,10 +197,12 @@ class SNRTracker:
 
   def plot_trajectories(self, path: str, *, names: Sequence[str] | None = None, max_panels: int = 12) -> None:
     """PNG of SNR_K vs step for each candidate (one panel per parameter)."""
+    from slimoptax._snr_plots import plot_trajectories
     plot_trajectories(self.history, path, names=names, max_panels=max_panels)
 
   def plot_depth(self, path: str) -> None:
     """PNG of time-averaged SNR vs layer index per layer type and candidate."""
+    from slimoptax._snr_plots import plot_depth
     plot_depth(self.time_average(), path)
 
 
@@ -245,7 +248,7 @@ def derive_rules(
     cutoff: float = 1.0,
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
-) -> labels_lib.Rules:
+) -> rules_lib.Rules:
   """SlimAdam rules from time-averaged SNRs (§5).
 
   For each parameter, keep the candidate axes whose SNR exceeds ``cutoff``
@@ -282,8 +285,8 @@ def derive_rules(
       passing = [(v, c) for c, v in cands.items() if math.isfinite(v) and v > cutoff]
       if passing:
         best = max(passing)[1]
-    out.append(labels_lib.Rule(labels_lib.exact_pattern(name), name, best))
-  return labels_lib.Rules(out, name=f"derived(cutoff={cutoff})")
+    out.append(rules_lib.Rule(rules_lib.exact_pattern(name), name, best))
+  return rules_lib.Rules(out, name=f"derived(cutoff={cutoff})")
 
 
 def load_snr_csv(path: str) -> tuple[dict[str, dict[tuple[int, ...], list[tuple[int, float]]]], dict[str, tuple[int, ...]]]:
@@ -323,94 +326,14 @@ def second_moments_kept(shapes: Mapping[str, Sequence[int]], rules: Any) -> tupl
     >>> print(f"{1 - kept / total:.2%} saved")
   """
   tree = {name: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for name, s in shapes.items()}
-  axes = labels_lib.compression_axes(tree, rules)
-  kept = sum(labels_lib.kept_entries(tuple(shapes[n]), axes[n]) for n in shapes)
+  axes = rules_lib.compression_axes(tree, rules)
+  kept = sum(rules_lib.kept_entries(tuple(shapes[n]), axes[n]) for n in shapes)
   total = sum(math.prod(tuple(s)) for s in shapes.values())
   return kept, total
 
 
-# --------------------------------------------------------------------------
-# Plots (matplotlib is imported lazily; it is in the `experiments` extra).
-# --------------------------------------------------------------------------
-
-
-def _subplots(rows: int, cols: int, *, figsize):
-  """A figure and its axes grid without pyplot (no global backend switch in notebooks)."""
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=figsize)
-  axs = fig.subplots(rows, cols, squeeze=False)
-  return fig, axs
-
-
-def plot_trajectories(history, path: str, *, names: Sequence[str] | None = None, max_panels: int = 12) -> None:
-  """PNG: SNR_K vs step, one panel per parameter, one line per candidate K."""
-  if names is None:
-    # One parameter per layer-type group (the first layer), as in the paper's Fig. 2.
-    seen, names = set(), []
-    for n in history:
-      group, _ = depth_group(n)
-      if group not in seen:
-        seen.add(group)
-        names.append(n)
-  names = list(names)[:max_panels]
-  cols = min(4, len(names))
-  rows = math.ceil(len(names) / cols)
-  fig, axs = _subplots(rows, cols, figsize=(4 * cols, 3 * rows))
-  for ax, name in zip(axs.flat, names):
-    for c, pts in history[name].items():
-      if pts:
-        steps, vals = zip(*pts)
-        ax.plot(steps, vals, marker=".", label=f"K={c}")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_title(name, fontsize=8)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=7)
-  for ax in list(axs.flat)[len(names):]:
-    ax.axis("off")
-  fig.suptitle("SNR_K of Adam's second moments (dashed: cutoff 1)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-
-
-def plot_depth(table: SNRTable, path: str) -> None:
-  """PNG: time-averaged SNR vs layer index, one panel per layer-type group."""
-  from matplotlib.ticker import MaxNLocator
-
-  groups: dict[str, dict[tuple[int, ...], list[tuple[int, float]]]] = {}
-  for name, per in table.items():
-    group, idx = depth_group(name)
-    if idx is None:
-      continue
-    for c, v in per.items():
-      groups.setdefault(group, {}).setdefault(tuple(c), []).append((idx, v))
-  groups = {g: per for g, per in groups.items() if any(len(c) for c in per)}
-  if not groups:
-    groups = {"(no layered parameters)": {}}
-  cols = min(4, len(groups))
-  rows = math.ceil(len(groups) / cols)
-  fig, axs = _subplots(rows, cols, figsize=(4 * cols, 3 * rows))
-  for ax, (group, per) in zip(axs.flat, groups.items()):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for c, pts in per.items():
-      pts = sorted(pts)
-      ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", label=f"K={c}")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_title(group, fontsize=8)
-    ax.set_xlabel("layer")
-    if per:
-      ax.legend(fontsize=7)
-  for ax in list(axs.flat)[len(groups):]:
-    ax.axis("off")
-  fig.suptitle("time-averaged SNR_K by depth")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-
-
 __all__ = [
     "SNRTracker", "candidate_axes", "depth_average", "depth_group", "derive_rules",
-    "find_second_moment", "load_snr_csv", "plot_depth", "plot_trajectories",
+    "find_second_moment", "load_snr_csv",
     "second_moments_kept", "snr", "time_average",
 ]

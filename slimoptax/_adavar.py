@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from slimoptax import labels as labels_lib
-from slimoptax.slim_adam import ScaleBySlimAdamState
+from slimoptax import _tree
+from slimoptax._slim_adam import ScaleBySlimAdamState
 
 
 class ScaleByAdaVarState(NamedTuple):
@@ -100,7 +100,7 @@ def scale_by_adavar(
   mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
 
   def init_fn(params):
-    labels_lib.check_float_params(params)
+    _tree.check_float_params(params)
     mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
     sigma2 = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
     return ScaleByAdaVarState(count=jnp.zeros([], jnp.int32), mu=mu, sigma2=sigma2)
@@ -108,14 +108,14 @@ def scale_by_adavar(
   def update_fn(updates, state, params=None):
     del params
     g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    mu_leaves = labels_lib.leaves_like(updates, state.mu, what="state.mu")
-    s_leaves = labels_lib.leaves_like(updates, state.sigma2, what="state.sigma2")
+    mu_leaves = _tree.leaves_like(updates, state.mu, what="state.mu")
+    s_leaves = _tree.leaves_like(updates, state.sigma2, what="state.sigma2")
     count_inc = optax.safe_increment(state.count)
     if bias_correction:
       c_mu = 1 - jnp.asarray(beta, jnp.float32) ** count_inc
       c_v = 1 - jnp.asarray(tau, jnp.float32) ** count_inc
     new_d, new_mu, new_s = [], [], []
-    for (path, _), g, m_prev, s in zip(labels_lib.named_leaves(updates), g_leaves, mu_leaves,
+    for (path, _), g, m_prev, s in zip(_tree.named_leaves(updates), g_leaves, mu_leaves,
                                        s_leaves):
       for what, x in (("first moment", m_prev), ("variance", s)):
         if tuple(x.shape) != tuple(g.shape):
@@ -204,8 +204,8 @@ def mean_variance_from_adam(state: Any, *, beta: ArrayLike | None = None) -> tup
         f"expected exactly one Adam state (optax.ScaleByAdamState or ScaleBySlimAdamState) in "
         f"`state`, found {len(found)}")
   adam = found[0]
-  mu_named = labels_lib.named_leaves(adam.mu)
-  nu_leaves = labels_lib.leaves_like(adam.mu, adam.nu, what="state.nu")
+  mu_named = _tree.named_leaves(adam.mu)
+  nu_leaves = _tree.leaves_like(adam.mu, adam.nu, what="state.nu")
   for (path, m), v in zip(mu_named, nu_leaves):
     if jnp.shape(m) != jnp.shape(v):
       raise ValueError(

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from slimoptax import labels as labels_lib
+from slimoptax import _tree, layers
+from slimoptax import rules as rules_lib
 
 Compress = Any  # None | str | Rules | mapping | callable | pytree of axes
 
@@ -52,13 +53,13 @@ class ScaleBySlimAdamState(NamedTuple):
 
 
 def _resolve(tree: Any, compress: Compress, num_heads: int | None, *, warn: bool):
-  return [a for _, _, a in labels_lib.resolve_axes_spec(
+  return [a for _, _, a in rules_lib.resolve_tree(
       tree, compress, what="compress", num_heads=num_heads, warn=warn)]
 
 
-def mean_square(g: jax.Array, axes: labels_lib.Axes | labels_lib.Reshaped) -> jax.Array:
+def mean_square(g: jax.Array, axes: layers.Axes | layers.Reshaped) -> jax.Array:
   """``E_K[g^2]`` with the averaged axes kept as size-1 dims (in ``g``'s view)."""
-  if isinstance(axes, labels_lib.Reshaped):
+  if isinstance(axes, layers.Reshaped):
     g = g.reshape(axes.shape)
     axes = axes.axes
   sq = jnp.square(g)
@@ -68,7 +69,7 @@ def mean_square(g: jax.Array, axes: labels_lib.Axes | labels_lib.Reshaped) -> ja
 
 
 def _precondition(m_hat: jax.Array, v_hat: jax.Array, axes, eps) -> jax.Array:
-  if isinstance(axes, labels_lib.Reshaped):
+  if isinstance(axes, layers.Reshaped):
     shape = m_hat.shape
     return (m_hat.reshape(axes.shape) / (jnp.sqrt(v_hat) + eps)).reshape(shape)
   return m_hat / (jnp.sqrt(v_hat) + eps)
@@ -126,11 +127,11 @@ def scale_by_slim_adam(
   nu_dtype = jax.dtypes.canonicalize_dtype(nu_dtype) if nu_dtype is not None else None
 
   def init_fn(params):
-    labels_lib.check_float_params(params)
+    _tree.check_float_params(params)
     axes = _resolve(params, compress, num_heads, warn=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     mu = [jnp.zeros(p.shape, dtype=mu_dtype or p.dtype) for p in leaves]
-    nu = [jnp.zeros(labels_lib.reduced_shape(p.shape, a), dtype=nu_dtype or p.dtype)
+    nu = [jnp.zeros(rules_lib.reduced_shape(p.shape, a), dtype=nu_dtype or p.dtype)
           for p, a in zip(leaves, axes)]
     return ScaleBySlimAdamState(
         count=jnp.zeros([], jnp.int32),
@@ -142,20 +143,20 @@ def scale_by_slim_adam(
     del params
     axes = _resolve(updates, compress, num_heads, warn=False)
     g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    mu_leaves = labels_lib.leaves_like(updates, state.mu, what="state.mu")
-    nu_leaves = labels_lib.leaves_like(updates, state.nu, what="state.nu")
+    mu_leaves = _tree.leaves_like(updates, state.mu, what="state.mu")
+    nu_leaves = _tree.leaves_like(updates, state.nu, what="state.nu")
     count_inc = optax.safe_increment(state.count)
     c1 = 1 - jnp.asarray(b1, jnp.float32) ** count_inc
     c2 = 1 - jnp.asarray(b2, jnp.float32) ** count_inc
     new_u, new_mu, new_nu = [], [], []
-    for (path, _), g, m, v, a in zip(labels_lib.named_leaves(updates), g_leaves, mu_leaves,
+    for (path, _), g, m, v, a in zip(_tree.named_leaves(updates), g_leaves, mu_leaves,
                                      nu_leaves, axes):
       mu_prev, nu_prev = m, v
       if tuple(m.shape) != tuple(g.shape):
         raise ValueError(
             f"first moment of {path!r} has shape {tuple(m.shape)} but the update has "
             f"{tuple(g.shape)}: the state was created for other parameters")
-      expected = labels_lib.reduced_shape(g.shape, a)
+      expected = rules_lib.reduced_shape(g.shape, a)
       if tuple(v.shape) != expected:
         raise ValueError(
             f"second moment of {path!r} has shape {tuple(v.shape)} but the compression rules give "

@@ -1,0 +1,169 @@
+"""Layer types, their axis roles (Flax layouts) and the path patterns that recognize them.
+
+Axis roles name the axes of a parameter of a given layer type, in **Flax
+layouts**: ``Dense`` kernels are ``(fan_in, fan_out)``, ``DenseGeneral``
+attention kernels are ``(d, heads, head_dim)`` for query/key/value and
+``(heads, head_dim, d)`` for the output projection, ``Conv`` kernels are
+``(*window, in, out)``, ``Embed`` tables are ``(vocab, d)``. PyTorch
+``nn.Linear`` weights and Hugging Face ``Conv1D`` kernels are ``(fan_out,
+fan_in)``: roles do not apply to them; give integer axes instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+Axes = tuple[int, ...]
+
+# --------------------------------------------------------------------------
+# Layer types and their axis roles.
+# --------------------------------------------------------------------------
+
+LAYER_TYPES: dict[str, str] = {
+    "embedding": "token embedding table (vocab, d)",
+    "pos_embedding": "learned positional embedding table (positions, d)",
+    "head": "output head: LM head or classifier kernel (d, classes)",
+    "query": "attention query kernel: (d, H*hd) Dense or (d, H, hd) DenseGeneral",
+    "key": "attention key kernel: (d, H*hd) Dense or (d, H, hd) DenseGeneral",
+    "value": "attention value kernel: (d, H*hd) Dense or (d, H, hd) DenseGeneral",
+    "attn_qkv": "fused query/key/value kernel (d, 3*H*hd); no preset guesses its layout",
+    "attn_out": "attention output projection: (H*hd, d) Dense or (H, hd, d) DenseGeneral",
+    "mlp_up": "first MLP layer (fan_in, fan_out)",
+    "mlp_gate": "gate MLP layer of gated MLPs (fan_in, fan_out)",
+    "mlp_down": "last MLP layer (fan_in, fan_out)",
+    "dense": "any other Dense / DenseGeneral kernel (*fan_in, fan_out)",
+    "conv": "convolution kernel (*window, in, out)",
+    "norm": "normalization scale or bias (LayerNorm, RMSNorm, BatchNorm)",
+    "bias": "bias vector (or (H, hd) attention bias)",
+    "scalar": "0-d parameter",
+}
+
+ROLE_NAMES = ("fan_in", "fan_out", "heads", "head_dim", "token", "vocab", "embed", "all")
+
+
+class Reshaped(NamedTuple):
+  """Average over ``axes`` of a parameter viewed with shape ``shape``.
+
+  Used when a compression needs a finer view than the stored layout, e.g. one
+  second moment per attention head of a ``(d, H*hd)`` query kernel:
+  ``Reshaped(shape=(d, H, hd), axes=(0, 2))``.
+  """
+
+  shape: tuple[int, ...]
+  axes: Axes
+
+
+def axis_roles(
+    layer_type: str,
+    shape: Sequence[int],
+    *,
+    num_heads: int | None = None,
+    path: str = "<param>",
+) -> tuple[tuple[int, ...], dict[str, Axes]]:
+  """Names the axes of a parameter of a given layer type (Flax layouts).
+
+  Args:
+    layer_type: one of `LAYER_TYPES`.
+    shape: the parameter's shape.
+    num_heads: number of attention heads; needed for ``heads``/``head_dim`` of
+      2-D ``(d, H*hd)`` attention kernels, which are then viewed as
+      ``(d, H, hd)`` (or ``(H, hd, d)`` for ``attn_out``).
+    path: the parameter's path, for error messages.
+
+  Returns:
+    ``(view_shape, roles)``: the shape the roles refer to (the parameter's own
+    shape unless a head view was needed) and a dict from role name
+    (``fan_in``, ``fan_out``, ``heads``, ``head_dim``, ``token`` (alias
+    ``vocab``), ``embed``, ``all``) to axes of that view. Roles that do not apply are absent.
+  """
+  if layer_type not in LAYER_TYPES:
+    raise ValueError(
+        f"unknown layer type {layer_type!r} for parameter {path!r}; known: {sorted(LAYER_TYPES)}"
+    )
+  shape = tuple(int(s) for s in shape)
+  ndim = len(shape)
+  roles: dict[str, Axes] = {"all": tuple(range(ndim))}
+  if ndim < 2 or layer_type in ("norm", "bias", "scalar"):
+    return shape, roles
+  if layer_type in ("embedding", "pos_embedding"):
+    roles.update(fan_in=(0,), fan_out=tuple(range(1, ndim)), token=(0,), vocab=(0,), embed=tuple(range(1, ndim)))
+    return shape, roles
+  if layer_type == "head":
+    roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,), embed=tuple(range(ndim - 1)),
+                 token=(ndim - 1,), vocab=(ndim - 1,))
+    return shape, roles
+  if layer_type in ("query", "key", "value"):
+    if ndim == 2 and num_heads is not None:
+      d, hidden = shape
+      if hidden % num_heads:
+        raise ValueError(
+            f"{path!r}: fan_out {hidden} of a {layer_type} kernel {shape} is not divisible by "
+            f"num_heads={num_heads}"
+        )
+      shape = (d, num_heads, hidden // num_heads)
+      ndim = 3
+      roles["all"] = (0, 1, 2)
+    if ndim == 3:
+      roles.update(fan_in=(0,), fan_out=(1, 2), heads=(1,), head_dim=(2,))
+    else:
+      roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,))
+    return shape, roles
+  if layer_type == "attn_out":
+    if ndim == 2 and num_heads is not None:
+      hidden, d = shape
+      if hidden % num_heads:
+        raise ValueError(
+            f"{path!r}: fan_in {hidden} of an attn_out kernel {shape} is not divisible by "
+            f"num_heads={num_heads}"
+        )
+      shape = (num_heads, hidden // num_heads, d)
+      ndim = 3
+      roles["all"] = (0, 1, 2)
+    if ndim == 3:
+      roles.update(fan_in=(0, 1), fan_out=(2,), heads=(0,), head_dim=(1,))
+    else:
+      roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,))
+    return shape, roles
+  # Dense-like and conv kernels: (*fan_in, fan_out).
+  roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,))
+  return shape, roles
+
+
+_ATTN = r"(attn|attention|self_attn|self_attention|mha|multiheaddotproductattention(_\d+)?|multiheadattention(_\d+)?)"
+_MLP = r"(mlp|ffn|ff|feed_forward|feedforward|mlpblock(_\d+)?|mlp_block)"
+_W = r"(kernel|weight|w)"
+
+# Ordered (regex, layer type) recognizers; matched with re.search, case-insensitive,
+# against the "/"-joined path. The first match wins.
+LAYER_PATTERNS: tuple[tuple[str, str], ...] = (
+    # Normalization layers (scale and bias), before generic biases.
+    (r"(^|[/.])[^/.]*(norm|^ln|[/._]ln)[^/.]*([/.]\d+)?[/.](scale|bias|weight|gamma|beta|g|b)$", "norm"),
+    (r"(^|[/.])(ln_?\w*|layernorm\w*|rmsnorm\w*|batchnorm\w*|bn\w*|norm\w*)[/.](scale|bias|weight)$", "norm"),
+    (r"(^|[/.])(bias|b)$", "bias"),
+    # Embeddings.
+    (r"(^|[/.])(wpe|pos_emb\w*|position_embed\w*|positional_embed\w*|pos_embed\w*)([/.](embedding|weight))?$", "pos_embedding"),
+    (r"(^|[/.])(wte|tok_embeddings|embed_tokens|token_embed\w*|tok_emb\w*|word_embeddings)([/.](embedding|weight))?$", "embedding"),
+    (r"(^|[/.])embedding$", "embedding"),
+    # Heads.
+    (rf"(^|[/.])(lm_head|unembed\w*|logits|classifier|head|output_layer)[/.]{_W}$", "head"),
+    # Attention.
+    (rf"(^|[/.])(c_attn|qkv|qkv_proj|in_proj|wqkv|query_key_value)[/.]{_W}$", "attn_qkv"),
+    (rf"(^|[/.])(query|q_proj|wq|to_q|q_lin|q)[/.]{_W}$", "query"),
+    (rf"(^|[/.])(key|k_proj|wk|to_k|k_lin|k)[/.]{_W}$", "key"),
+    (rf"(^|[/.])(value|v_proj|wv|to_v|v_lin|v)[/.]{_W}$", "value"),
+    (rf"(^|[/.]){_ATTN}[/.](out|o_proj|wo|out_proj|c_proj|proj|output_proj|dense|to_out)[/.]{_W}$", "attn_out"),
+    (rf"(^|[/.])(o_proj|out_proj|output_proj|to_out|out)[/.]{_W}$", "attn_out"),
+    # MLPs (gated first).
+    (rf"(^|[/.])(gate|gate_proj|w3|wi_0|mlp_gate)[/.]{_W}$", "mlp_gate"),
+    (rf"(^|[/.])(up|up_proj|w1|fc1|c_fc|wi|wi_1|mlp_up|fc_in)[/.]{_W}$", "mlp_up"),
+    (rf"(^|[/.])(down|down_proj|w2|fc2|mlp_proj|mlp_down|fc_out)[/.]{_W}$", "mlp_down"),
+    (rf"(^|[/.]){_MLP}[/.](c_proj|proj|wo|out|dense_1|linear_1|layers_1)[/.]{_W}$", "mlp_down"),
+    (rf"(^|[/.]){_MLP}[/.](dense_0|linear_0|layers_0)[/.]{_W}$", "mlp_up"),
+    # Convolutions and everything else.
+    (r"(^|[/.])\w*conv\w*([/.]\d+)?[/.](kernel|weight)$", "conv"),
+    (r"(^|[/.])(kernel|weight|w)$", "dense"),
+)
+
+
+__all__ = ["LAYER_PATTERNS", "LAYER_TYPES", "ROLE_NAMES", "Reshaped", "axis_roles"]

@@ -1,0 +1,164 @@
+"""Presets: layer recognizers and the published compression rules.
+
+A preset classifies each parameter by its path into a layer type
+(`LAYER_PATTERNS`, matched in order, case-insensitive, against the
+``"/"``-joined path) and averages over semantic axes per type (roles resolved
+by `slimoptax.axis_roles` in Flax layouts: ``Dense`` kernels are ``(fan_in,
+fan_out)``, ``DenseGeneral`` attention kernels ``(d, heads, head_dim)`` and
+``(heads, head_dim, d)``, ``Conv`` kernels ``(*window, in, out)``, ``Embed``
+tables ``(vocab, d)``).
+
+References:
+  Kalra, Kirchenbauer, Barkeshli, Goldstein, When Can You Get Away with Low
+  Memory Adam?, 2025 (Table 3: SlimAdam; App. A: AdaLayer, Adam-mini).
+  Zhao et al., Deconstructing What Makes a Good Optimizer for Language Models,
+  2024 (AdaLayer). Zhang et al., Adam-mini: Use Fewer Learning Rates To Gain
+  More, 2024.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from slimoptax.layers import LAYER_PATTERNS, LAYER_TYPES
+from slimoptax.rules import UNSUPPORTED, Rule, Rules, SemanticAxis
+
+_VECTOR_TYPES = ("norm", "bias", "scalar")
+
+
+def recognizers(axes_by_type: Mapping[str, Any] | None = None) -> list["Rule"]:
+  """The layer-type recognizers as rules (matrix types need rank >= 2)."""
+  rules = []
+  for pattern, ltype in LAYER_PATTERNS:
+    axes = () if axes_by_type is None else axes_by_type[ltype]
+    min_ndim = 0 if ltype in _VECTOR_TYPES else 2
+    rules.append(Rule(pattern, ltype, axes, warn_unused=False, min_ndim=min_ndim))
+  # Catch-alls: vectors and scalars that no recognizer names ("^" also matches the
+  # empty path of a bare array).
+  rules.append(Rule(r"^", "bias", () if axes_by_type is None else axes_by_type["bias"],
+                    warn_unused=False, min_ndim=1, max_ndim=1))
+  rules.append(Rule(r"^", "scalar", (), warn_unused=False, max_ndim=0))
+  return rules
+
+
+def layer_type(path: str, shape: Sequence[int] = ()) -> str:
+  """Classifies a parameter by its path and rank into one of `LAYER_TYPES`.
+
+  Matrix-like types (everything but ``norm``, ``bias``, ``scalar``) need rank
+  >= 2; an unnamed vector is a ``bias``, a 0-d parameter a ``scalar``.
+
+  Args:
+    path: ``"/"``-joined parameter path.
+    shape: the parameter's shape.
+
+  Returns:
+    The layer type.
+
+  Raises:
+    ValueError: if no recognizer matches; the message names the path.
+  """
+  ndim = len(tuple(shape))
+  for rule in _RECOGNIZERS:
+    if rule.matches(path, ndim):
+      return rule.label
+  raise ValueError(
+      f"cannot tell the layer type of parameter {path!r} with shape {tuple(shape)}: no "
+      "recognizer matches; add a rule for it"
+  )
+
+
+
+# --------------------------------------------------------------------------
+# Presets.
+# --------------------------------------------------------------------------
+
+# layer type -> semantic axes averaged over. UNSUPPORTED: the preset refuses.
+_PRESET_AXES: dict[str, dict[str, tuple[str, ...] | str]] = {
+    "adam": {t: () for t in LAYER_TYPES},
+    # SlimAdam, Table 3 of Kalra et al.: K&Q fan_in, V&proj fan_out, MLP fan_out,
+    # token embedding fan_out (= the embedding axis), LM head fan_in (= the
+    # embedding axis), vision first layer / conv fan_in, normalization none.
+    "slimadam": {
+        "embedding": ("fan_out",), "pos_embedding": ("fan_out",), "head": ("fan_in",),
+        "query": ("fan_in",), "key": ("fan_in",), "value": ("fan_out",), "attn_out": ("fan_out",),
+        "attn_qkv": UNSUPPORTED,
+        "mlp_up": ("fan_out",), "mlp_gate": ("fan_out",), "mlp_down": ("fan_out",),
+        "dense": ("fan_out",), "conv": ("fan_in",),
+        "norm": (), "bias": (), "scalar": (),
+    },
+    # AdaLayer (Zhao et al. 2024): one second moment per tensor.
+    "adalayer": {t: ("all",) for t in LAYER_TYPES},
+    # AdaLayer+LN+TN: per-parameter second moments for norms, token embedding and head.
+    "adalayer+ln+tn": {**{t: ("all",) for t in LAYER_TYPES}, "norm": (), "embedding": (), "head": ()},
+    # Adam-mini v1.1 (Zhang et al. 2024): one value per output neuron; per head for
+    # query/key; per token for embedding and head; one per tensor otherwise.
+    "adam-mini": {
+        "embedding": ("embed",), "head": ("embed",), "pos_embedding": ("all",),
+        "query": ("fan_in", "head_dim"), "key": ("fan_in", "head_dim"),
+        "value": ("fan_in",), "attn_out": ("fan_in",), "attn_qkv": UNSUPPORTED,
+        "mlp_up": ("fan_in",), "mlp_gate": ("fan_in",), "mlp_down": ("fan_in",),
+        "dense": ("fan_in",), "conv": ("fan_in",),
+        "norm": ("all",), "bias": ("all",), "scalar": (),
+    },
+}
+_PRESET_AXES["adamini"] = _PRESET_AXES["adam-mini"]
+
+PRESETS: tuple[str, ...] = ("adam", "slimadam", "adalayer", "adalayer+ln+tn", "adam-mini")
+
+
+def preset(
+    name: str,
+    *,
+    num_heads: int | None = None,
+    overrides: Mapping[str, Sequence[SemanticAxis] | str] | None = None,
+) -> Rules:
+  """The rules of a named preset.
+
+  Presets classify parameters by path into layer types (see `LAYER_PATTERNS`)
+  and average over semantic axes per type:
+
+  ============== ===================================================================
+  ``adam``        nothing compressed
+  ``slimadam``    Table 3 of Kalra et al.: key/query fan_in, value/out/MLP fan_out,
+                  embedding and head keep one value per token, norms/biases full
+  ``adalayer``    one second moment per tensor
+  ``adalayer+ln+tn``  AdaLayer, but norms, token embedding and head uncompressed
+  ``adam-mini``   Adam-mini v1.1: one value per output neuron, per head for
+                  query/key, per token for embedding/head, one per tensor for norms,
+                  biases and positional embeddings
+  ============== ===================================================================
+
+  Args:
+    name: one of `PRESETS` (case-insensitive).
+    num_heads: number of attention heads, needed by ``adam-mini`` when query/key
+      kernels are 2-D ``(d, H*hd)``.
+    overrides: ``{layer_type: axes}`` replacing the preset's axes for those
+      layer types; an unknown layer type is an error.
+
+  Returns:
+    A `Rules` object.
+  """
+  key = name.lower().replace("_", "-")
+  if key not in _PRESET_AXES:
+    raise ValueError(f"unknown preset {name!r}; known presets: {PRESETS}")
+  table = dict(_PRESET_AXES[key])
+  for ltype, axes in (overrides or {}).items():
+    if ltype not in LAYER_TYPES:
+      raise ValueError(
+          f"override names unknown layer type {ltype!r}; preset {name!r} knows {sorted(LAYER_TYPES)}"
+      )
+    table[ltype] = axes if isinstance(axes, str) else tuple(axes)
+  rules = recognizers(table)
+  uniform = {table[t] for t in LAYER_TYPES if t != "scalar"}
+  if len(uniform) == 1:
+    # The preset treats every layer type alike (adam, adalayer): any tensor will do.
+    rules.append(Rule(r"^", "dense", uniform.pop(), warn_unused=False, min_ndim=2))
+  return Rules(rules, name=key, num_heads=num_heads)
+
+
+
+_RECOGNIZERS = recognizers()
+
+
+__all__ = ["PRESETS", "layer_type", "preset", "recognizers"]

@@ -1,0 +1,564 @@
+"""Label rules: parameter path -> label -> axes, with semantic axis roles, and the one resolver.
+
+A *rule* maps a parameter path to a *label* and to the *axes* of that parameter
+along which a second moment (or any other statistic) is averaged. A `Rules`
+object is an ordered list of such entries; the first entry whose regular
+expression matches a parameter's path wins. Presets (``"slimadam"``,
+``"adam-mini"``, ...) are `Rules` objects whose labels are *layer types*
+(``"query"``, ``"mlp_down"``, ``"embedding"``, ...) and whose axes are
+*semantic* (``"fan_in"``, ``"fan_out"``, ``"heads"``, ``"head_dim"``,
+``"token"``, ``"embed"``, ``"all"``), resolved per layer from the parameter's
+shape.
+
+Conventions. Paths are the pytree key path joined by ``"/"``: a linen tree gives
+``params/Block_0/MultiHeadDotProductAttention_0/query/kernel``, an NNX state
+``blocks/0/attn/query/kernel``, a flat PyTorch-style dict
+``transformer.h.0.attn.q_proj.weight`` (a single key). Axis roles assume **Flax
+layouts**: ``Dense`` kernels are ``(fan_in, fan_out)``, ``DenseGeneral``
+attention kernels are ``(d, heads, head_dim)`` for query/key/value and
+``(heads, head_dim, d)`` for the output projection, ``Conv`` kernels are
+``(*window, in, out)``, ``Embed`` tables are ``(vocab, d)``. PyTorch
+``nn.Linear`` weights and Hugging Face ``Conv1D`` kernels are ``(fan_out,
+fan_in)``: for those give integer axes.
+
+Reference: Kalra et al., "When Can You Get Away with Low Memory Adam?" (2025),
+Table 3 (SlimAdam rules) and App. A (AdaLayer, Adam-mini).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import numpy as np
+
+from slimoptax._tree import is_param_like, leaves_like, named_leaves, shape_of
+from slimoptax.layers import LAYER_TYPES, ROLE_NAMES, Reshaped, axis_roles
+
+Axes = tuple[int, ...]
+SemanticAxis = Union[int, str]
+
+# --------------------------------------------------------------------------
+# Rules.
+# --------------------------------------------------------------------------
+
+UNSUPPORTED = "unsupported"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One rule: parameters whose path matches ``pattern`` get ``label`` and ``axes``.
+
+  Attributes:
+    pattern: regular expression searched (``re.search``, case-insensitive) in
+      the ``"/"``-joined parameter path.
+    label: a name for the group; a layer type from `LAYER_TYPES` when ``axes``
+      holds semantic names.
+    axes: axes to average over: ints (negative allowed), semantic role names
+      (``"fan_in"``, ``"fan_out"``, ``"heads"``, ``"head_dim"``, ``"token"``,
+      ``"embed"``, ``"all"``), or a mix; ``()`` means no compression;
+      `UNSUPPORTED` makes a match an error (a preset that does not handle a
+      layer type).
+    warn_unused: warn when the rule matches no parameter (presets turn this off
+      for their recognizers).
+    min_ndim: the rule only applies to parameters of at least this rank.
+    max_ndim: ... and of at most this rank (``None``: no bound).
+  """
+
+  pattern: str
+  label: str
+  axes: tuple[SemanticAxis, ...] | str = ()
+  warn_unused: bool = True
+  min_ndim: int = 0
+  max_ndim: int | None = None
+
+  def __post_init__(self):
+    axes = self.axes
+    if axes is None:
+      axes = ()
+    if isinstance(axes, (int, np.integer)):
+      axes = (int(axes),)
+    if not isinstance(axes, str):
+      axes = tuple(int(a) if isinstance(a, (int, np.integer)) else str(a) for a in axes)
+      for a in axes:
+        if isinstance(a, str) and a not in ROLE_NAMES:
+          raise ValueError(f"rule {self.pattern!r}: unknown axis name {a!r}; known: {ROLE_NAMES}")
+    elif axes != UNSUPPORTED:
+      raise ValueError(f"rule {self.pattern!r}: axes must be a tuple, got {axes!r}")
+    object.__setattr__(self, "axes", axes)
+    re.compile(self.pattern)
+
+  def matches(self, path: str, ndim: int | None = None) -> bool:
+    """Whether the rule applies to a parameter with this path (and rank)."""
+    if ndim is not None and (ndim < self.min_ndim or (self.max_ndim is not None and ndim > self.max_ndim)):
+      return False
+    return re.search(self.pattern, path, flags=re.IGNORECASE) is not None
+
+
+class Rules:
+  """An ordered list of `Rule` s: path pattern -> label -> axes.
+
+  The first rule whose pattern matches a parameter's path decides its label
+  and axes. Every parameter must be matched by some rule. Rules are saved to
+  and loaded from JSON, print as a table against a parameter tree, and give
+  ``param_labels`` for `optax.partition` via `labels`.
+
+  Example:
+    >>> rules = slimoptax.Rules([
+    ...     (r"attn/qkv/kernel$", "attn_qkv", (0,)),   # fused qkv: fan_in
+    ... ]) + slimoptax.preset("slimadam")
+    >>> axes = slimoptax.compression_axes(params, rules)
+  """
+
+  def __init__(self, rules: Iterable[Rule | Sequence[Any]] = (), *, name: str = "custom",
+               num_heads: int | None = None):
+    self.rules: tuple[Rule, ...] = tuple(r if isinstance(r, Rule) else Rule(*r) for r in rules)
+    self.name = name
+    self.num_heads = num_heads
+
+  def __add__(self, other: "Rules") -> "Rules":
+    if not isinstance(other, Rules):
+      return NotImplemented
+    return Rules(self.rules + other.rules, name=f"{self.name}+{other.name}",
+                 num_heads=self.num_heads if self.num_heads is not None else other.num_heads)
+
+  def __iter__(self):
+    return iter(self.rules)
+
+  def __len__(self):
+    return len(self.rules)
+
+  def __eq__(self, other):
+    return isinstance(other, Rules) and self.rules == other.rules and self.num_heads == other.num_heads
+
+  def __repr__(self):
+    return f"Rules(name={self.name!r}, {len(self.rules)} rules)"
+
+  # -- matching --------------------------------------------------------------
+
+  def match(self, path: str, shape: Sequence[int]) -> Rule:
+    """Returns the first rule matching ``path`` and rank; raises ValueError if none."""
+    for rule in self.rules:
+      if rule.matches(path, len(tuple(shape))):
+        return rule
+    raise ValueError(f"no rule of {self.name!r} matches parameter {path!r} with shape {tuple(shape)}")
+
+  def match_all(self, params: Any, *, warn: bool = True) -> list[tuple[str, tuple[int, ...], Rule]]:
+    """The first matching rule of every leaf: ``[(path, shape, rule), ...]``.
+
+    Raises:
+      ValueError: naming a parameter that no rule matches (nothing is left
+        uncompressed silently).
+    """
+    out = []
+    used = set()
+    for path, leaf in named_leaves(params):
+      shape = shape_of(leaf)
+      idx = next((i for i, rule in enumerate(self.rules) if rule.matches(path, len(shape))), None)
+      if idx is None:
+        hint = (" (the parameter tree is a bare array, whose path is empty: no layer type can be "
+                "read from it; give integer axes or wrap it in a dict)") if path == "" else ""
+        raise ValueError(
+            f"no rule of {self.name!r} matches parameter {path!r} with shape {shape}; add a rule "
+            f"for it (nothing is left uncompressed silently){hint}")
+      used.add(idx)
+      out.append((path, shape, self.rules[idx]))
+    if warn:
+      for i, rule in enumerate(self.rules):
+        if rule.warn_unused and i not in used:
+          warnings.warn(
+              f"rule {rule.pattern!r} -> {rule.label!r} of {self.name!r} matches no parameter",
+              stacklevel=3)
+    return out
+
+  def resolve(self, params: Any, *, warn: bool = True) -> list[tuple[str, tuple[int, ...], Rule, Axes | Reshaped]]:
+    """Resolves every leaf: ``[(path, shape, rule, axes_or_reshaped), ...]`` (see `rule_axes`)."""
+    return [(path, shape, rule, rule_axes(rule, path, shape, self.num_heads))
+            for path, shape, rule in self.match_all(params, warn=warn)]
+
+  def labels(self, params: Any) -> Any:
+    """A pytree like ``params`` of label strings (``param_labels`` for `optax.partition`)."""
+    treedef = jax.tree_util.tree_structure(params)
+    return jax.tree_util.tree_unflatten(treedef, [r.label for _, _, r in self.match_all(params, warn=False)])
+
+  def axes(self, params: Any, *, warn: bool = True) -> Any:
+    """A pytree like ``params`` of resolved axes (int tuples or `Reshaped`)."""
+    resolved = self.resolve(params, warn=warn)
+    treedef = jax.tree_util.tree_structure(params)
+    return jax.tree_util.tree_unflatten(treedef, [r[3] for r in resolved])
+
+  # -- display -----------------------------------------------------------------
+
+  def table(self, params: Any) -> str:
+    """A text table: path, shape, label, axes, second moments kept."""
+    rows = []
+    total_kept = total = 0
+    for path, shape, rule, axes in self.resolve(params, warn=False):
+      kept = kept_entries(shape, axes)
+      size = math.prod(shape)
+      total_kept += kept
+      total += size
+      rows.append((path, str(shape), rule.label, _axes_str(axes), f"{kept:,}"))
+    header = ("path", "shape", "label", "axes", "kept")
+    rows.append(("TOTAL", "", "", "", f"{total_kept:,} of {total:,} ({_pct(total_kept, total)} kept)"))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)
+
+  # -- serialisation -----------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    return {
+        "format": "slimoptax.rules/v1",
+        "name": self.name,
+        "num_heads": self.num_heads,
+        "rules": [
+            {"pattern": r.pattern, "label": r.label,
+             "axes": r.axes if isinstance(r.axes, str) else list(r.axes),
+             "warn_unused": r.warn_unused, "min_ndim": r.min_ndim, "max_ndim": r.max_ndim}
+            for r in self.rules
+        ],
+    }
+
+  def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
+    """Serialises to JSON (and writes it to ``path`` if given)."""
+    text = json.dumps(self.to_dict(), indent=indent)
+    if path is not None:
+      with open(path, "w") as f:
+        f.write(text + "\n")
+    return text
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> "Rules":
+    """Reads `to_dict` output, or a flat ``{name: [axes] | null}`` mapping.
+
+    The flat form is the one the SlimAdam authors publish: each key is an exact
+    parameter name; ``null`` means no compression.
+    """
+    if data.get("format") == "slimoptax.rules/v1":
+      return cls(
+          [Rule(r["pattern"], r["label"], r["axes"] if isinstance(r["axes"], str) else tuple(r["axes"]),
+                r.get("warn_unused", True), r.get("min_ndim", 0), r.get("max_ndim"))
+           for r in data["rules"]],
+          name=data.get("name", "custom"), num_heads=data.get("num_heads"))
+    rules = []
+    for name, axes in data.items():
+      if axes is not None and not isinstance(axes, (list, tuple)):
+        raise ValueError(f"rule for {name!r}: expected a list of axes or null, got {axes!r}")
+      rules.append(Rule(exact_pattern(name), name, tuple(axes or ())))
+    return cls(rules, name="mapping")
+
+  @classmethod
+  def from_json(cls, path_or_text: str) -> "Rules":
+    """Loads rules from a JSON file path or a JSON string."""
+    text = path_or_text
+    if not path_or_text.lstrip().startswith("{"):
+      with open(path_or_text) as f:
+        text = f.read()
+    return cls.from_dict(json.loads(text))
+
+  def as_mapping(self) -> dict[str, list[int] | None]:
+    """The flat ``{label: [axes] | None}`` form (``None`` for no compression)."""
+    out = {}
+    for r in self.rules:
+      if isinstance(r.axes, str) or any(isinstance(a, str) for a in r.axes):
+        raise ValueError(f"rule {r.pattern!r} has semantic axes {r.axes}; resolve them first")
+      out[r.label] = list(r.axes) if r.axes else None
+    return out
+
+
+def exact_pattern(name: str) -> str:
+  """A pattern that matches exactly the path ``name`` (``*`` matches one path component)."""
+  return "^" + re.escape(name).replace(r"\*", r"[^/.]+") + "$"
+
+
+def rule_axes(rule: Rule, path: str, shape: tuple[int, ...], num_heads: int | None = None) -> Axes | Reshaped:
+  """The axes one rule gives one parameter: integer axes checked, semantic roles resolved by `axis_roles`."""
+  ndim = len(shape)
+  if rule.axes == UNSUPPORTED:
+    raise ValueError(
+        f"parameter {path!r} (shape {shape}) is a {rule.label!r} layer, which this preset does "
+        "not handle; add a rule with explicit axes for it"
+    )
+  axes = rule.axes
+  if not any(isinstance(a, str) for a in axes):
+    out = []
+    for a in axes:
+      if not -ndim <= a < ndim:
+        raise ValueError(f"rule {rule.pattern!r}: axis {a} out of range for parameter {path!r} with shape {shape}")
+      out.append(a % ndim)
+    if len(set(out)) != len(out):
+      raise ValueError(f"rule {rule.pattern!r}: repeated axes {axes} for parameter {path!r}")
+    return tuple(sorted(out))
+  if rule.label not in LAYER_TYPES:
+    raise ValueError(
+        f"rule {rule.pattern!r} uses semantic axes {axes} but its label {rule.label!r} is not a "
+        f"layer type; known layer types: {sorted(LAYER_TYPES)} (parameter {path!r})"
+    )
+  if ndim < 2 and rule.label not in ("norm", "bias", "scalar") and not set(axes) <= {"all"}:
+    # Vector-like parameters only know "all".
+    raise ValueError(f"parameter {path!r} with shape {shape} has no axis roles {axes}")
+  needs_heads = any(a in ("heads", "head_dim") for a in axes)
+  view, roles = axis_roles(rule.label, shape, num_heads=num_heads if needs_heads else None, path=path)
+  picked: set[int] = set()
+  for a in axes:
+    if isinstance(a, int):
+      if view != shape:
+        raise ValueError(f"rule {rule.pattern!r}: cannot mix integer axes with head roles ({path!r})")
+      picked.add(a % ndim)
+      continue
+    if a not in roles:
+      hint = " (pass num_heads= for 2-D attention kernels)" if a in ("heads", "head_dim") else ""
+      raise ValueError(
+          f"axis role {a!r} is not defined for parameter {path!r} of layer type {rule.label!r} "
+          f"with shape {shape}{hint}"
+      )
+    picked.update(roles[a])
+  picked_t = tuple(sorted(picked))
+  if view == shape:
+    return picked_t
+  return _simplify_view(shape, view, picked_t)
+
+
+def _simplify_view(shape: tuple[int, ...], view: tuple[int, ...], axes: Axes) -> Axes | Reshaped:
+  """Maps view axes back to the stored layout when the view is not needed."""
+  # Group consecutive view axes into stored axes (view only splits axes).
+  groups: list[list[int]] = []
+  v = 0
+  for s in shape:
+    group = []
+    prod = 1
+    while prod < s or not group:
+      group.append(v)
+      prod *= view[v]
+      v += 1
+    groups.append(group)
+  out = []
+  for i, group in enumerate(groups):
+    hit = [g in axes for g in group]
+    if all(hit):
+      out.append(i)
+    elif any(hit):
+      return Reshaped(shape=view, axes=axes)
+  return tuple(out)
+
+
+def kept_entries(shape: Sequence[int], axes: Axes | Reshaped) -> int:
+  """Number of second-moment entries kept when averaging ``shape`` over ``axes``."""
+  if isinstance(axes, Reshaped):
+    shape, axes = axes.shape, axes.axes
+  return math.prod(s for i, s in enumerate(shape) if i not in axes)
+
+
+def reduced_shape(shape: Sequence[int], axes: Axes | Reshaped) -> tuple[int, ...]:
+  """Shape of a statistic averaged over ``axes`` with kept (size-1) dims."""
+  if isinstance(axes, Reshaped):
+    shape, axes = axes.shape, axes.axes
+  return tuple(1 if i in axes else int(s) for i, s in enumerate(shape))
+
+
+def _axes_str(axes: Axes | Reshaped) -> str:
+  if isinstance(axes, Reshaped):
+    return f"{tuple(axes.axes)} of view {tuple(axes.shape)}"
+  return str(tuple(axes)) if axes else "-"
+
+
+def _pct(a: int, b: int) -> str:
+  return f"{100.0 * a / b:.3f}%" if b else "n/a"
+
+
+
+
+# --------------------------------------------------------------------------
+# The one resolver of per-parameter arguments.
+# --------------------------------------------------------------------------
+
+
+def as_rules(rules: Any, *, num_heads: int | None = None) -> Rules:
+  """Reads a preset name, a `Rules` object, a JSON-style mapping or a list of rules as `Rules`."""
+  if isinstance(rules, str):
+    from slimoptax.presets import preset  # presets are built from rules: imported here
+    return preset(rules, num_heads=num_heads)
+  if isinstance(rules, Rules):
+    out = rules
+  elif isinstance(rules, Mapping):
+    out = Rules.from_dict(rules)
+  elif isinstance(rules, (list, tuple)):
+    out = Rules(rules)
+  else:
+    raise TypeError(
+        f"rules must be a preset name, a Rules object, a mapping or a list of rules; got {type(rules)}")
+  if num_heads is not None and out.num_heads is None:
+    out = Rules(out.rules, name=out.name, num_heads=num_heads)
+  return out
+
+
+def _is_rules_like(spec: Any, params: Any) -> bool:
+  """A `Rules`, a flat ``{path: [axes] | None}`` mapping or a list of rules (not a params-like pytree)."""
+  if isinstance(spec, Rules):
+    return True
+  if isinstance(spec, Mapping) and not is_param_like(spec, params):
+    # The JSON form: lists (not tuples, which a pytree of axes holds) or null.
+    return spec.get("format") == "slimoptax.rules/v1" or all(
+        v is None or (isinstance(v, list) and all(isinstance(a, (int, np.integer, str)) for a in v))
+        for v in spec.values())
+  return (isinstance(spec, list) and bool(spec) and isinstance(spec[0], (Rule, tuple))
+          and not is_param_like(spec, params))
+
+
+LeafFn = Callable[[str, tuple[int, ...]], Any]
+
+
+def resolve_tree(
+    params: Any,
+    spec: Any,
+    *,
+    what: str,
+    from_rule: Callable[[Rule, str, tuple[int, ...], int | None], Any] | None = None,
+    check_leaf: Callable[[str, tuple[int, ...], Any], Any] | None = None,
+    default: LeafFn | None = None,
+    named: Mapping[str, Any] | None = None,
+    num_heads: int | None = None,
+    warn: bool = True,
+) -> list[tuple[str, tuple[int, ...], Any]]:
+  """Reads a per-parameter argument in any of its forms: the resolver of every transform.
+
+  SlimAdam's and Sophia's ``compress``, Adafactor's ``factored_axes`` and
+  Muon's ``dims`` all go through this function, so they accept the same forms,
+  as `optax.partition` reads ``param_labels``:
+
+  * ``None``: ``default(path, shape)`` for every parameter;
+  * a name: ``named[name]`` (any form below), or a preset (`slimoptax.preset`);
+  * a `Rules` object, a flat JSON-style mapping ``{exact path: [axes] | None}``
+    or a list of ``(pattern, label, axes)``: each parameter's first matching
+    rule gives its entry through ``from_rule(rule, path, shape, num_heads)``
+    (an unmatched parameter is an error naming it);
+  * a callable ``params -> any of these``;
+  * a pytree matching ``params`` whose leaves are the entries themselves,
+    checked by ``check_leaf(path, shape, entry)``.
+
+  Args:
+    params: parameters or updates (only paths and shapes are read).
+    spec: the argument.
+    what: its name, for errors (``"compress"``).
+    from_rule: turns a matched rule into an entry (default: `rule_axes`).
+    check_leaf: validates and normalizes a given entry (default: `validate_axes`).
+    default: the entry of every parameter when ``spec`` is None (default: ``()``).
+    named: names the transform accepts besides the presets.
+    num_heads: attention head count, for rules with head roles on 2-D kernels.
+    warn: warn about user rules that match no parameter.
+
+  Returns:
+    ``[(path, shape, entry), ...]`` in leaf order.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from slimoptax.rules import resolve_tree
+    >>> params = {"mlp": {"up": {"kernel": jnp.zeros((4, 16))}}, "ln": {"scale": jnp.ones(4)}}
+    >>> resolve_tree(params, "slimadam", what="compress")
+    [('ln/scale', (4,), ()), ('mlp/up/kernel', (4, 16), (1,))]
+  """
+  from_rule = from_rule or rule_axes
+  check_leaf = check_leaf or (lambda path, shape, entry: validate_axes(path, shape, entry, what=what))
+  shapes = [(p, shape_of(x)) for p, x in named_leaves(params)]
+  for _ in range(3):  # a callable or a name may give another form
+    if spec is None:
+      default_fn = default or (lambda path, shape: ())
+      return [(p, s, default_fn(p, s)) for p, s in shapes]
+    if isinstance(spec, str):
+      if named is not None and spec in named:
+        spec = named[spec]
+        continue
+      try:
+        spec = as_rules(spec, num_heads=num_heads)
+      except ValueError as err:
+        extra = f" or one of {sorted(named)}" if named else ""
+        raise ValueError(f"{what}: {err}{extra}") from None
+    if _is_rules_like(spec, params):
+      rules = as_rules(spec, num_heads=num_heads)
+      return [(p, s, from_rule(rule, p, s, rules.num_heads)) for p, s, rule in rules.match_all(
+          params, warn=warn)]
+    if callable(spec):
+      spec = spec(params)
+      continue
+    per_leaf = leaves_like(params, spec, what=what)
+    return [(p, s, check_leaf(p, s, a)) for (p, s), a in zip(shapes, per_leaf)]
+  raise ValueError(f"{what}: {spec!r} does not resolve to per-parameter entries")
+
+
+def compression_axes(params: Any, rules: Any, *, num_heads: int | None = None,
+                     warn: bool = True) -> Any:
+  """Resolves rules (or a preset name) to a pytree of axes, one entry per parameter.
+
+  Args:
+    params: the parameter pytree (arrays or `jax.ShapeDtypeStruct` s).
+    rules: any form `resolve_tree` reads: a preset name (see `slimoptax.preset`),
+      a `Rules` object, a flat mapping ``{path: [axes] | None}``, a list of
+      ``(pattern, label, axes)``, a callable or a pytree of axes.
+    num_heads: attention head count, for head-wise presets on 2-D kernels.
+    warn: warn about user rules that match no parameter.
+
+  Returns:
+    A pytree with ``params``' structure whose leaves are sorted tuples of
+    non-negative ints (``()`` for no compression) or `Reshaped` views.
+
+  Example:
+    >>> import jax.numpy as jnp, slimoptax
+    >>> params = {"params": {"Dense_0": {"kernel": jnp.zeros((8, 32))}}}
+    >>> slimoptax.compression_axes(params, "slimadam")["params"]["Dense_0"]["kernel"]
+    (1,)
+  """
+  resolved = resolve_tree(params, rules, what="rules", num_heads=num_heads, warn=warn)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params),
+                                      [a for _, _, a in resolved])
+
+
+def param_labels(params: Any, rules: Any, *, num_heads: int | None = None) -> Any:
+  """Labels of each parameter under ``rules``: ``param_labels`` for `optax.partition`.
+
+  Example:
+    >>> import jax.numpy as jnp, slimoptax
+    >>> slimoptax.param_labels({"mlp": {"up": {"kernel": jnp.zeros((4, 8))}}}, "slimadam")
+    {'mlp': {'up': {'kernel': 'mlp_up'}}}
+  """
+  return as_rules(rules, num_heads=num_heads).labels(params)
+
+
+def validate_axes(path: str, shape: tuple[int, ...], spec: Any, *, what: str = "compress") -> Axes | Reshaped:
+  """Checks one user-given axes entry against a parameter shape; returns it normalised."""
+  ndim = len(shape)
+  if spec is None:
+    return ()
+  if isinstance(spec, Reshaped):
+    if math.prod(spec.shape) != math.prod(shape):
+      raise ValueError(
+          f"{what} for {path!r}: view {spec.shape} has {math.prod(spec.shape)} entries, the "
+          f"parameter {shape} has {math.prod(shape)}")
+    inner = validate_axes(path, tuple(spec.shape), tuple(spec.axes), what=what)
+    return Reshaped(tuple(int(s) for s in spec.shape), inner)
+  if isinstance(spec, (int, np.integer)):
+    spec = (int(spec),)
+  if not isinstance(spec, (tuple, list)) or not all(isinstance(a, (int, np.integer)) for a in spec):
+    raise ValueError(f"{what} for {path!r}: expected a tuple of int axes, got {spec!r}")
+  out = []
+  for a in spec:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"{what} for {path!r}: axis {a} out of range for shape {shape}")
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{what} for {path!r}: repeated axes in {tuple(spec)}")
+  return tuple(sorted(out))
+
+
+__all__ = [
+    "Rule", "Rules", "UNSUPPORTED", "as_rules", "compression_axes", "exact_pattern", "kept_entries", "param_labels", "reduced_shape",
+    "resolve_tree", "rule_axes", "validate_axes",
+]
