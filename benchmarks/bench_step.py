@@ -58,7 +58,7 @@ def main():
   n_params = sum(x.size for x in jax.tree.leaves(params0))
   txs = {
       "optax.adamw": optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1,
-                                 mask=slimoptax.slim_adam.default_weight_decay_mask),
+                                 mask=slimoptax.default_weight_decay_mask),
       f"slim_adamw({args.preset})": slimoptax.slim_adamw(3e-4, compress=args.preset),
   }
   runs = {}

@@ -23,6 +23,7 @@ from slimoptax.rules import param_labels
 
 # SlimAdam (AdaLayer, Adam-mini and Adam through other axes).
 from slimoptax._slim_adam import ScaleBySlimAdamState
+from slimoptax._slim_adam import default_weight_decay_mask
 from slimoptax._slim_adam import scale_by_slim_adam
 from slimoptax._slim_adam import slim_adamw
 
@@ -118,6 +119,7 @@ __all__ = (
     "axis_roles",
     "checkpoint",
     "compression_axes",
+    "default_weight_decay_mask",
     "depth_average",
     "depth_group",
     "derive_rules",

@@ -154,10 +154,22 @@ def restore_state(
     StateMismatchError: if paths, shapes or dtypes differ.
 
   Example:
+    >>> import tempfile, jax.numpy as jnp, slimoptax
+    >>> import orbax.checkpoint as ocp
+    >>> params = {"dense": {"kernel": jnp.ones((4, 8))}}
+    >>> tx = slimoptax.slim_adamw(1e-3, compress="slimadam")
+    >>> path = tempfile.mkdtemp() + "/state"
     >>> checkpointer = ocp.StandardCheckpointer()
-    >>> checkpointer.save(path, opt_state)
-    >>> target = slimoptax.abstract_state(tx, params)
-    >>> opt_state = slimoptax.restore_state(checkpointer, path, target)
+    >>> checkpointer.save(path, tx.init(params))
+    >>> checkpointer.wait_until_finished()
+    >>> restored = slimoptax.restore_state(checkpointer, path, slimoptax.abstract_state(tx, params))
+    >>> restored[0].nu["dense"]["kernel"].shape
+    (4, 1)
+    >>> other = slimoptax.abstract_state(slimoptax.slim_adamw(1e-3), params)  # uncompressed
+    >>> slimoptax.restore_state(checkpointer, path, other)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    slimoptax.checkpoint.StateMismatchError: ...
   """
   saved = saved_state_metadata(checkpointer, path)
   where = f"checkpoint {'step' if _is_manager(checkpointer) else 'at'} {path}"

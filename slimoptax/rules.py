@@ -110,10 +110,13 @@ class Rules:
   ``param_labels`` for `optax.partition` via `labels`.
 
   Example:
+    >>> import jax.numpy as jnp, slimoptax
+    >>> params = {"attn": {"qkv": {"kernel": jnp.zeros((8, 24))}}, "ln": {"scale": jnp.ones(8)}}
     >>> rules = slimoptax.Rules([
-    ...     (r"attn/qkv/kernel$", "attn_qkv", (0,)),   # fused qkv: fan_in
+    ...     (r"attn/qkv/kernel$", "attn_qkv", (0,)),   # fused qkv: average over fan_in
     ... ]) + slimoptax.preset("slimadam")
-    >>> axes = slimoptax.compression_axes(params, rules)
+    >>> slimoptax.compression_axes(params, rules)
+    {'attn': {'qkv': {'kernel': (0,)}}, 'ln': {'scale': ()}}
   """
 
   def __init__(self, rules: Iterable[Rule | Sequence[Any]] = (), *, name: str = "custom",

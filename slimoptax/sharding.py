@@ -113,8 +113,12 @@ def reduced_spec(
     A `PartitionSpec` with one entry per dimension of ``leaf_shape``.
 
   Example:
-    >>> reduced_spec((16, 1), (16, 64), P("data", "model"), mesh)
-    PartitionSpec('data', None)
+    >>> import jax, numpy as np
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> from slimoptax.sharding import reduced_spec
+    >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    >>> reduced_spec((16, 1), (16, 64), P("data", "model"), mesh) == P("data", None)
+    True
   """
   leaf_shape = tuple(int(s) for s in leaf_shape)
   param_shape = tuple(int(s) for s in param_shape)
@@ -264,9 +268,15 @@ def state_shardings(
       not fit the parameter, or when no mesh can be found.
 
   Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, slimoptax
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    >>> params = {"mlp": {"up": {"kernel": jax.ShapeDtypeStruct((16, 64), jnp.float32)}}}
+    >>> param_shardings = {"mlp": {"up": {"kernel": NamedSharding(mesh, P("data", "model"))}}}
+    >>> tx = slimoptax.slim_adamw(1e-3, compress="slimadam")
     >>> shardings = slimoptax.state_shardings(tx, params, param_shardings)
-    >>> shardings[0].nu["params"]["mlp"]["up"]["kernel"].spec   # kernel P("data", "model")
-    PartitionSpec('data', None)
+    >>> shardings[0].nu["mlp"]["up"]["kernel"].spec == P("data", None)  # nu (16, 1): fan_out averaged
+    True
   """
   shardings = _param_shardings_list(params, param_shardings, mesh)
   named = _tree.named_leaves(params)
@@ -342,8 +352,16 @@ def init_sharded(
     `state_shardings`.
 
   Example:
-    >>> abstract = jax.eval_shape(model.init, key, batch)
+    >>> import jax, jax.numpy as jnp, numpy as np, slimoptax
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    >>> abstract = jax.eval_shape(lambda: {"dense": {"kernel": jnp.zeros((16, 64))}})
+    >>> param_shardings = {"dense": {"kernel": NamedSharding(mesh, P("data", "model"))}}
+    >>> tx = slimoptax.slim_adamw(1e-3, compress="slimadam")
     >>> opt_state = slimoptax.init_sharded(tx, abstract, param_shardings)
+    >>> nu = opt_state[0].nu["dense"]["kernel"]
+    >>> nu.shape, nu.sharding.spec == P("data", None)
+    ((16, 1), True)
   """
   out_shardings = state_shardings(tx, params, param_shardings, mesh=mesh)
   leaves = jax.tree.leaves(params)

@@ -249,7 +249,7 @@ def test_scalars_are_never_reduced(case):
   if case.family == "slim_adam":
     # Reference: optax's AdamW on the scalar (unreducible under every preset).
     ref = optax.adamw(w.LR, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                      mask=slimoptax._slim_adam.default_weight_decay_mask)
+                      mask=slimoptax.default_weight_decay_mask)
     rp, rs = params, ref.init(params)
     for t in range(3):
       g = {"params": {"temperature": jnp.float32(0.3 - 0.2 * t), "up": {"kernel": jnp.full((4, 4), 0.1)}}}
