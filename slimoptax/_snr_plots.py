@@ -25,6 +25,34 @@ def _subplots(rows: int, cols: int, *, figsize):
   return fig, axs
 
 
+def _panels(series: dict, path: str, *, xlabel: str, title: str, marker: str,
+            integer_x: bool = False) -> None:
+  """One log-scale panel per entry of ``series`` (``{panel: {candidate: [(x, snr)]}}``), cutoff 1 dashed."""
+  from matplotlib.ticker import MaxNLocator
+
+  cols = min(4, len(series))
+  rows = math.ceil(len(series) / cols)
+  fig, axs = _subplots(rows, cols, figsize=(4 * cols, 3 * rows))
+  for ax, (name, per) in zip(axs.flat, series.items()):
+    if integer_x:
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for c, pts in per.items():
+      if pts:
+        xs, vals = zip(*sorted(pts))
+        ax.plot(xs, vals, marker=marker, label=f"K={c}")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_title(name, fontsize=8)
+    ax.set_xlabel(xlabel)
+    if per:
+      ax.legend(fontsize=7)
+  for ax in list(axs.flat)[len(series):]:
+    ax.axis("off")
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def plot_trajectories(history, path: str, *, names: Sequence[str] | None = None, max_panels: int = 12) -> None:
   """PNG: SNR_K vs step, one panel per parameter, one line per candidate K."""
   if names is None:
@@ -36,30 +64,12 @@ def plot_trajectories(history, path: str, *, names: Sequence[str] | None = None,
         seen.add(group)
         names.append(n)
   names = list(names)[:max_panels]
-  cols = min(4, len(names))
-  rows = math.ceil(len(names) / cols)
-  fig, axs = _subplots(rows, cols, figsize=(4 * cols, 3 * rows))
-  for ax, name in zip(axs.flat, names):
-    for c, pts in history[name].items():
-      if pts:
-        steps, vals = zip(*pts)
-        ax.plot(steps, vals, marker=".", label=f"K={c}")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_title(name, fontsize=8)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=7)
-  for ax in list(axs.flat)[len(names):]:
-    ax.axis("off")
-  fig.suptitle("SNR_K of Adam's second moments (dashed: cutoff 1)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _panels({n: history[n] for n in names}, path, xlabel="step", marker=".",
+          title="SNR_K of Adam's second moments (dashed: cutoff 1)")
 
 
 def plot_depth(table: SNRTable, path: str) -> None:
   """PNG: time-averaged SNR vs layer index, one panel per layer-type group."""
-  from matplotlib.ticker import MaxNLocator
-
   groups: dict[str, dict[tuple[int, ...], list[tuple[int, float]]]] = {}
   for name, per in table.items():
     group, idx = depth_group(name)
@@ -70,25 +80,8 @@ def plot_depth(table: SNRTable, path: str) -> None:
   groups = {g: per for g, per in groups.items() if any(len(c) for c in per)}
   if not groups:
     groups = {"(no layered parameters)": {}}
-  cols = min(4, len(groups))
-  rows = math.ceil(len(groups) / cols)
-  fig, axs = _subplots(rows, cols, figsize=(4 * cols, 3 * rows))
-  for ax, (group, per) in zip(axs.flat, groups.items()):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for c, pts in per.items():
-      pts = sorted(pts)
-      ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", label=f"K={c}")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_title(group, fontsize=8)
-    ax.set_xlabel("layer")
-    if per:
-      ax.legend(fontsize=7)
-  for ax in list(axs.flat)[len(groups):]:
-    ax.axis("off")
-  fig.suptitle("time-averaged SNR_K by depth")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _panels(groups, path, xlabel="layer", marker="o", integer_x=True,
+          title="time-averaged SNR_K by depth")
 
 
 __all__ = ["plot_depth", "plot_trajectories"]

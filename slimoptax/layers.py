@@ -54,6 +54,19 @@ class Reshaped(NamedTuple):
   axes: Axes
 
 
+def _head_view(shape: tuple[int, ...], axis: int, num_heads: int, layer_type: str,
+               path: str) -> tuple[int, ...]:
+  """``(d, H*hd) -> (d, H, hd)`` (``axis=1``) or ``(H*hd, d) -> (H, hd, d)`` (``axis=0``)."""
+  hidden = shape[axis]
+  if hidden % num_heads:
+    side = "fan_in" if axis == 0 else "fan_out"
+    raise ValueError(
+        f"{path!r}: {side} {hidden} of the {layer_type} kernel {shape} is not divisible by "
+        f"num_heads={num_heads}")
+  split = (num_heads, hidden // num_heads)
+  return split + shape[1:] if axis == 0 else shape[:1] + split
+
+
 def axis_roles(
     layer_type: str,
     shape: Sequence[int],
@@ -93,35 +106,16 @@ def axis_roles(
     roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,), embed=tuple(range(ndim - 1)),
                  token=(ndim - 1,), vocab=(ndim - 1,))
     return shape, roles
-  if layer_type in ("query", "key", "value"):
+  if layer_type in ("query", "key", "value", "attn_out"):
+    is_out = layer_type == "attn_out"
     if ndim == 2 and num_heads is not None:
-      d, hidden = shape
-      if hidden % num_heads:
-        raise ValueError(
-            f"{path!r}: fan_out {hidden} of a {layer_type} kernel {shape} is not divisible by "
-            f"num_heads={num_heads}"
-        )
-      shape = (d, num_heads, hidden // num_heads)
+      shape = _head_view(shape, 0 if is_out else 1, num_heads, layer_type, path)
       ndim = 3
       roles["all"] = (0, 1, 2)
-    if ndim == 3:
-      roles.update(fan_in=(0,), fan_out=(1, 2), heads=(1,), head_dim=(2,))
-    else:
-      roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,))
-    return shape, roles
-  if layer_type == "attn_out":
-    if ndim == 2 and num_heads is not None:
-      hidden, d = shape
-      if hidden % num_heads:
-        raise ValueError(
-            f"{path!r}: fan_in {hidden} of an attn_out kernel {shape} is not divisible by "
-            f"num_heads={num_heads}"
-        )
-      shape = (num_heads, hidden // num_heads, d)
-      ndim = 3
-      roles["all"] = (0, 1, 2)
-    if ndim == 3:
+    if ndim == 3 and is_out:
       roles.update(fan_in=(0, 1), fan_out=(2,), heads=(0,), head_dim=(1,))
+    elif ndim == 3:
+      roles.update(fan_in=(0,), fan_out=(1, 2), heads=(1,), head_dim=(2,))
     else:
       roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,))
     return shape, roles
