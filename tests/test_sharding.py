@@ -130,7 +130,7 @@ def test_every_state_leaf_lives_on_the_mesh_with_the_expected_spec(results, case
     assert {e for e in spec if e is not None} <= {e for e in p_spec if e is not None}, where
 
 
-# Hand-written specs for the leaves the issue is about (parameter specs in
+# Hand-written specs of the compressed and factored state leaves (parameter specs in
 # tests/_sharded_worker.PARAM_SPECS: up (16, 64) is P('data', 'model'), down (64, 16)
 # P('model', 'data'), q/k/v (16, 4, 4) P(None, 'model', None), wte (32, 16) P('model', None)).
 EXPECTED_SPECS = {
