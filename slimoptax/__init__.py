@@ -41,6 +41,7 @@ from slimoptax._adafactor import ScaleByAdafactorState
 from slimoptax._adafactor import factored_rules
 from slimoptax._adafactor import resolve_factored_axes
 from slimoptax._adafactor import scale_by_adafactor
+from slimoptax._adafactor import scale_by_factored_second_moment
 
 # Muon: Newton–Schulz orthogonalization.
 from slimoptax._muon import CUBIC_COEFFS
@@ -57,6 +58,7 @@ from slimoptax._muon import newton_schulz_flops
 from slimoptax._muon import orthogonalize
 from slimoptax._muon import scale_by_matrix_shape
 from slimoptax._muon import scale_by_muon
+from slimoptax._muon import scale_by_muon_momentum
 
 # Sophia: diagonal curvature (Hutchinson, Gauss–Newton–Bartlett).
 from slimoptax._sophia import ScaleByHutchinsonState
@@ -149,9 +151,11 @@ __all__ = (
     "rules",
     "scale_by_adafactor",
     "scale_by_adavar",
+    "scale_by_factored_second_moment",
     "scale_by_hutchinson",
     "scale_by_matrix_shape",
     "scale_by_muon",
+    "scale_by_muon_momentum",
     "scale_by_sign",
     "scale_by_slim_adam",
     "second_moments_kept",

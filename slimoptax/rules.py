@@ -429,6 +429,7 @@ def resolve_tree(
     check_leaf: Callable[[str, tuple[int, ...], Any], Any] | None = None,
     default: LeafFn | None = None,
     named: Mapping[str, Any] | None = None,
+    presets: bool = True,
     num_heads: int | None = None,
     warn: bool = True,
 ) -> list[tuple[str, tuple[int, ...], Any]]:
@@ -456,6 +457,9 @@ def resolve_tree(
     check_leaf: validates and normalizes a given entry (default: `validate_axes`).
     default: the entry of every parameter when ``spec`` is None (default: ``()``).
     named: names the transform accepts besides the presets.
+    presets: whether the `slimoptax.preset` names are accepted too (a
+      transform whose entries are not axes to average, such as Adafactor's
+      (row, col) pairs, takes only its ``named`` ones).
     num_heads: attention head count, for rules with head roles on 2-D kernels.
     warn: warn about user rules that match no parameter.
 
@@ -480,6 +484,8 @@ def resolve_tree(
       if named is not None and spec in named:
         spec = named[spec]
         continue
+      if not presets:
+        raise ValueError(f"unknown {what} preset {spec!r}; known: {tuple(named or ())}")
       try:
         spec = as_rules(spec, num_heads=num_heads)
       except ValueError as err:

@@ -1,4 +1,4 @@
-"""Tests of slimoptax.factored (Adafactor) against optax and a numpy re-implementation."""
+"""Tests of slimoptax._adafactor (Adafactor) against optax and a numpy re-implementation."""
 
 import math
 import os
@@ -17,8 +17,10 @@ from slimoptax import rules as rules_lib
 from slimoptax._adafactor import (
     decay_rate_constant,
     decay_rate_pow,
+    relative_step_size,
     resolve_factored_axes,
     scale_by_adafactor,
+    scale_by_factored_second_moment,
     second_moment_entries,
 )
 
@@ -29,6 +31,16 @@ def _tree(shapes, seed, scale=1.0, shift=0.0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(shift + scale * rng.normal(size=s), jnp.float32),
                       shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _core(state):
+  """The factored second moment's state: the first of `scale_by_adafactor`'s chain."""
+  return state[0]
+
+
+def _momentum(state):
+  """The momentum (`optax.ema`'s accumulator) of a `scale_by_adafactor` state, or None."""
+  return next((s.ema for s in state if isinstance(s, optax.EmaState)), None)
 
 
 def _grad_seq(shapes, steps=STEPS, seed=10):
@@ -152,8 +164,9 @@ def test_matches_optax_scale_by_factored_rms(cfg):
     ru, rs = rstep(g, rs, params)
     jax.tree.map(lambda a, b: _close(a, b, rtol=1e-5), u, ru)
     for (path, _), vr, vc, v, rvr, rvc, rv in zip(
-        tree_lib.named_leaves(params), tree_lib.leaves_like(params, s.v_row, what="v_row"),
-        tree_lib.leaves_like(params, s.v_col, what="v_col"), tree_lib.leaves_like(params, s.v, what="v"),
+        tree_lib.named_leaves(params), tree_lib.leaves_like(params, _core(s).v_row, what="v_row"),
+        tree_lib.leaves_like(params, _core(s).v_col, what="v_col"),
+        tree_lib.leaves_like(params, _core(s).v, what="v"),
         jax.tree.leaves(rs.v_row), jax.tree.leaves(rs.v_col), jax.tree.leaves(rs.v)):
       if pairs[path] is None:
         assert vr is None and vc is None
@@ -162,7 +175,7 @@ def test_matches_optax_scale_by_factored_rms(cfg):
         assert v is None
         _close(vr, rvr, rtol=1e-5)
         _close(vc, rvc, rtol=1e-5)
-  assert int(s.count) == int(rs.count) == STEPS
+  assert int(_core(s).count) == int(rs.count) == STEPS
 
 
 @pytest.mark.parametrize("momentum", [None, 0.9])
@@ -209,8 +222,8 @@ def test_matches_numpy_general_axes(cfg):
   ref = NumpyAdafactor(pairs, **cfg)
   state = _run_lockstep(tx, params, grads, ref)
   leaves = jax.tree.leaves(params)
-  for i, (vr, vc) in enumerate(zip(tree_lib.leaves_like(params, state.v_row, what="v_row"),
-                                   tree_lib.leaves_like(params, state.v_col, what="v_col"))):
+  for i, (vr, vc) in enumerate(zip(tree_lib.leaves_like(params, _core(state).v_row, what="v_row"),
+                                   tree_lib.leaves_like(params, _core(state).v_col, what="v_col"))):
     if pairs[i] is not None:
       row, col = ref.state_means(i, leaves[i].shape)
       _close(vr, row, rtol=1e-5)
@@ -224,7 +237,8 @@ def test_step_offset_restarts_the_decay_schedule():
   kw = dict(min_dim_size_to_factor=1, multiply_by_parameter_scale=False)
   offset = 7
   tx = scale_by_adafactor(step_offset=offset, **kw)
-  state = tx.init(params)._replace(count=jnp.asarray(offset, jnp.int32))
+  state = tx.init(params)
+  state = (_core(state)._replace(count=jnp.asarray(offset, jnp.int32)), *state[1:])
   pairs = [a for _, _, a in resolve_factored_axes(params, None, min_dim_size_to_factor=1)]
   ref = NumpyAdafactor(pairs, param_scale=False)
   step = jax.jit(tx.update)
@@ -232,7 +246,7 @@ def test_step_offset_restarts_the_decay_schedule():
     u, state = step(g, state, params)
     for a, b in zip(jax.tree.leaves(u), ref.step(jax.tree.leaves(g), jax.tree.leaves(params))):
       _close(a, b)
-  assert int(state.count) == offset + STEPS
+  assert int(_core(state).count) == offset + STEPS
 
 
 def test_rules_with_semantic_axes_match_numpy():
@@ -296,7 +310,7 @@ def test_row_col_order_is_symmetric():
     out.append((ups, s))
   for a, b in zip(out[0][0], out[1][0]):
     _close(a, b, rtol=1e-5)
-  assert out[0][1].v_row["w"].shape == (9,) and out[1][1].v_row["w"].shape == (13,)
+  assert _core(out[0][1]).v_row["w"].shape == (9,) and _core(out[1][1]).v_row["w"].shape == (13,)
 
 
 # --------------------------------------------------------------------------
@@ -333,9 +347,10 @@ def test_rank_one_second_moment_is_reproduced_exactly():
     for name in ("w", "w3"):
       # Adam-style EMA of g^2 in float64: the quantity the factored estimate approximates.
       v_np[name] = 0.9 * v_np[name] + 0.1 * np.asarray(g[name], np.float64) ** 2
-      est = _v_hat(sf, ((np.asarray(sf.v_row[name]), np.asarray(sf.v_col[name])), spec[name]))
+      cf = _core(sf)
+      est = _v_hat(cf, ((np.asarray(cf.v_row[name]), np.asarray(cf.v_col[name])), spec[name]))
       _close(est, v_np[name], rtol=2e-5, atol=1e-12)
-      _close(su.v[name], v_np[name], rtol=2e-5, atol=1e-12)
+      _close(_core(su).v[name], v_np[name], rtol=2e-5, atol=1e-12)
       _close(uf[name], uu[name], rtol=2e-5, atol=1e-7)
 
 
@@ -347,6 +362,7 @@ def test_closed_form_is_the_i_divergence_minimiser():
                           clipping_threshold=None, multiply_by_parameter_scale=False)
   s = tx.init({"w": jnp.zeros((6, 9))})
   _, s = jax.jit(tx.update)({"w": jnp.asarray(g, jnp.float32)}, s)
+  s = _core(s)
   est = _v_hat(s, ((np.asarray(s.v_row["w"], np.float64), np.asarray(s.v_col["w"], np.float64)),
                    (0, 1)))
   v = g.astype(np.float32).astype(np.float64) ** 2
@@ -368,7 +384,8 @@ def test_closed_form_is_the_i_divergence_minimiser():
 def test_memory_rows_plus_cols():
   shapes = {"w": (300, 200), "w3": (4, 256, 128), "small": (100, 3), "bias": (200,)}
   params = _tree(shapes, 8)
-  state = scale_by_adafactor().init(params)
+  full_state = scale_by_adafactor().init(params)
+  state = _core(full_state)
   assert state.v_row["w"].size + state.v_col["w"].size == 300 + 200
   assert state.v_row["w3"].size + state.v_col["w3"].size == 4 * (256 + 128)
   assert state.v["w"] is None and state.v["w3"] is None
@@ -376,9 +393,132 @@ def test_memory_rows_plus_cols():
   kept = sum(x.size for x in jax.tree.leaves((state.v_row, state.v_col, state.v)))
   assert kept == 500 + 4 * 384 + 300 + 200
   assert second_moment_entries(params) == (kept, sum(math.prod(s) for s in shapes.values()))
-  assert state.mu is None
-  with_momentum = scale_by_adafactor(b1=0.9).init(params)
-  assert sum(x.size for x in jax.tree.leaves(with_momentum.mu)) == second_moment_entries(params)[1]
+  assert _momentum(full_state) is None
+  with_momentum = _momentum(scale_by_adafactor(b1=0.9).init(params))
+  assert sum(x.size for x in jax.tree.leaves(with_momentum)) == second_moment_entries(params)[1]
+
+
+# --------------------------------------------------------------------------
+# The chain: the factored core, then optax's transforms.
+# --------------------------------------------------------------------------
+
+GOLDEN_SHAPES = {"w": (12, 10), "k3": (3, 8, 6), "b": (10,)}
+# Recorded from a single-transform implementation of the same algorithm (every
+# piece fused in one update_fn): per leaf, after 20 jitted steps at lr 0.05,
+# (sum |u_20|, u_20.flat[0], sum |x_20 - x_0|).
+GOLDEN = {
+    "clip+param_scale": (dict(min_dim_size_to_factor=1), {
+        "w": (51.84121, 0.3972974, 9.707936), "k3": (52.43264, 0.2801978, 10.23939),
+        "b": (2.987513, 0.3004959, 0.7902529)}),
+    "momentum+relative_step": (dict(min_dim_size_to_factor=1, b1=0.9, relative_step=True,
+                                    clipping_threshold=0.5, factored_axes="last_two"), {
+        "w": (0.05517192, 0.0002668452, 0.03729073), "k3": (0.0607242, 0.0003561428, 0.0371512),
+        "b": (0.003909613, -0.0001676334, 0.002840638)}),
+    "momentum,constant_decay": (dict(min_dim_size_to_factor=1, b1=0.8,
+                                     multiply_by_parameter_scale=False, decay_rate=0.95,
+                                     decay_rate_fn=decay_rate_constant, eps1=1e-20), {
+        "w": (27.77281, 0.1281342, 18.5038), "k3": (36.1694, 0.2511264, 21.15838),
+        "b": (2.895663, 0.1581551, 2.19948)}),
+}
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_chain_gives_the_fused_transforms_numbers(name):
+  cfg, expected = GOLDEN[name]
+  tx = scale_by_adafactor(**cfg)
+  p0 = params = _tree(GOLDEN_SHAPES, 1, scale=0.5)
+  state, step = tx.init(params), jax.jit(tx.update)
+  for k in range(STEPS):
+    u, state = step(_tree(GOLDEN_SHAPES, 50 + k, scale=1.0 + 0.5 * np.sin(k)), state, params)
+    params = optax.apply_updates(params, jax.tree.map(lambda x: -0.05 * x, u))
+  for leaf, (abs_sum, first, moved) in expected.items():
+    got = (np.sum(np.abs(np.asarray(u[leaf], np.float64))), np.asarray(u[leaf]).flat[0],
+           np.sum(np.abs(np.asarray(params[leaf], np.float64) - np.asarray(p0[leaf], np.float64))))
+    _close(got, (abs_sum, first, moved), rtol=2e-5)
+
+
+def _optax_chain(cfg):
+  """`scale_by_adafactor(**cfg)` written out: the core, then optax's own transforms."""
+  core = scale_by_factored_second_moment(
+      cfg.get("decay_rate", 0.8), factored_axes=cfg.get("factored_axes"), min_dim_size_to_factor=1)
+  extras = []
+  if cfg.get("clipping_threshold", 1.0) is not None:
+    extras.append(optax.clip_by_block_rms(cfg.get("clipping_threshold", 1.0)))
+  if cfg.get("relative_step"):
+    extras.append(optax.scale_by_schedule(lambda count: jnp.minimum(1e-2, 1 / jnp.sqrt(count + 1))))
+  if cfg.get("multiply_by_parameter_scale", True):
+    extras.append(optax.scale_by_param_block_rms(min_scale=cfg.get("eps2", 1e-3)))
+  if cfg.get("b1") is not None:
+    extras.append(optax.ema(cfg["b1"], debias=False))
+  return optax.chain(core, *extras)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(b1=0.9, relative_step=True, clipping_threshold=0.3, eps2=0.05),
+    dict(factored_axes="last_two", multiply_by_parameter_scale=False, clipping_threshold=None,
+         b1=0.5),
+])
+def test_scale_by_adafactor_is_the_core_chained_with_optax_transforms(cfg):
+  tx, ref = scale_by_adafactor(min_dim_size_to_factor=1, **cfg), _optax_chain(cfg)
+  params = _tree(GOLDEN_SHAPES, 2, scale=0.05)
+  s, rs = tx.init(params), ref.init(params)
+  assert jax.tree.structure(s) == jax.tree.structure(rs)
+  step, rstep = jax.jit(tx.update), jax.jit(ref.update)
+  for g in _grad_seq(GOLDEN_SHAPES, seed=30):
+    u, s = step(g, s, params)
+    ru, rs = rstep(g, rs, params)
+    jax.tree.map(lambda a, b: _close(a, b, rtol=1e-6, atol=0.0), u, ru)
+    params = optax.apply_updates(params, jax.tree.map(lambda x: -0.05 * x, u))
+
+
+def test_each_extra_is_the_papers_formula():
+  """Each optax transform chained after the core computes the paper's equation, per leaf."""
+  rng = np.random.default_rng(11)
+  rms = lambda x: np.sqrt(np.mean(np.asarray(x, np.float64) ** 2))
+  u = {"big": jnp.asarray(3.0 * rng.normal(size=(5, 7)), jnp.float32),
+       "small": jnp.asarray(0.1 * rng.normal(size=(4,)), jnp.float32)}
+  # Update clipping (§6): U / max(1, RMS(U) / d), per leaf.
+  for d in (0.5, 1.0, 10.0):
+    got, _ = optax.clip_by_block_rms(d).update(u, optax.EmptyState())
+    for k in u:
+      _close(got[k], np.asarray(u[k], np.float64) / max(1.0, rms(u[k]) / d), rtol=1e-6)
+  # Parameter scale (§8): U * max(eps2, RMS(X)), zero and tiny parameters included.
+  params = {"big": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32), "small": jnp.full((4,), 1e-5)}
+  for eps2, p in ((1e-3, params), (1e-3, jax.tree.map(jnp.zeros_like, params)), (0.5, params)):
+    got, _ = optax.scale_by_param_block_rms(eps2).update(u, optax.EmptyState(), p)
+    for k in u:
+      _close(got[k], np.asarray(u[k], np.float64) * max(eps2, rms(p[k])), rtol=1e-6)
+  # Relative step (§8): rho_t = min(1e-2, 1/sqrt(t)) at step t = 1, 2, ... (count 0, 1, ...).
+  tx = optax.scale_by_schedule(relative_step_size)
+  s = tx.init(u)
+  for t in (1, 2, 100, 10_000, 10_001, 40_000):
+    s = optax.ScaleByScheduleState(count=jnp.asarray(t - 1, jnp.int32))
+    got, s = tx.update(u, s)
+    assert int(s.count) == t
+    _close(got["big"], np.asarray(u["big"], np.float64) * min(1e-2, 1 / np.sqrt(t)), rtol=1e-6)
+  # Momentum (§§7, 9): M_t = b1 M_{t-1} + (1 - b1) U_t, no bias correction.
+  tx, m = optax.ema(0.9, debias=False), {k: np.zeros(np.shape(v)) for k, v in u.items()}
+  s = tx.init(u)
+  for k in range(3):
+    uk = jax.tree.map(lambda x, k=k: x * (1.0 + k), u)
+    got, s = tx.update(uk, s)
+    for key in u:
+      m[key] = 0.9 * m[key] + 0.1 * np.asarray(uk[key], np.float64)
+      _close(got[key], m[key], rtol=1e-6)
+      _close(s.ema[key], m[key], rtol=1e-6)
+
+
+def test_state_is_a_chain_with_the_core_first():
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+  names = lambda tx: [type(s).__name__ for s in tx.init(params)]
+  assert names(scale_by_adafactor(clipping_threshold=None, multiply_by_parameter_scale=False)) == [
+      "ScaleByAdafactorState"]
+  assert names(scale_by_adafactor(b1=0.9, relative_step=True)) == [
+      "ScaleByAdafactorState", "EmptyState", "ScaleByScheduleState", "EmptyState", "EmaState"]
+  assert isinstance(_core(scale_by_adafactor().init(params)), slimoptax.ScaleByAdafactorState)
+  ema = _momentum(scale_by_adafactor(b1=0.9, mu_dtype=jnp.bfloat16).init(params))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(ema))
 
 
 # --------------------------------------------------------------------------
@@ -410,6 +550,8 @@ def test_bad_inputs_name_the_parameter():
     resolve_factored_axes({"x": jnp.ones((3, 3))}, rules_lib.Rules([(r"^y$", "dense", (0, 1))]))
   with pytest.raises(ValueError, match="unknown factored_axes preset"):
     resolve_factored_axes(params, "rows")
+  with pytest.raises(ValueError, match="unknown factored_axes preset 'slimadam'"):
+    resolve_factored_axes(params, "slimadam")  # SlimAdam's presets give no (row, col) pairs
   # A state made with other factored axes.
   tx_a = scale_by_adafactor(factored_axes={"enc": {"kernel": (0, 1), "bias": None}},
                             min_dim_size_to_factor=1)
@@ -419,6 +561,9 @@ def test_bad_inputs_name_the_parameter():
     tx_b.update(params, tx_a.init(params), params)
   with pytest.raises(ValueError, match="needs `params`"):
     scale_by_adafactor().update(params, scale_by_adafactor().init(params))
+  with pytest.raises(ValueError, match="`params` does not match.*'enc/bias'"):
+    scale_by_adafactor().update(params, scale_by_adafactor().init(params),
+                                {"enc": {"kernel": params["enc"]["kernel"]}})
 
 
 def test_exported():

@@ -121,7 +121,7 @@ def test_restore_adafactor_with_other_factored_axes(tmp_path):
   make = lambda axes: w._adafactor(factored_axes=axes)()
   checkpointer, ckpt = _save(tmp_path, make("largest").init(params))
   with pytest.raises(slimoptax.StateMismatchError,
-                     match=r"'0/v_row/params/block_0/attn/query/kernel': saved with shape \(2, 2\)"):
+                     match=r"'0/0/v_row/params/block_0/attn/query/kernel': saved with shape \(2, 2\)"):
     slimoptax.restore_state(checkpointer, ckpt, slimoptax.abstract_state(make("fan"), params))
 
 

@@ -49,7 +49,7 @@ def _is_moment(case, path: str) -> bool:
   parts = path.split("/")
   if case.name == "muon":  # mu_dtype is Muon's momentum; the fallback's: adam_mu/nu_dtype
     return "muon" in parts and "mu" in parts
-  return any(k in parts for k in ("mu", "nu", "h"))
+  return any(k in parts for k in ("mu", "nu", "h", "ema"))
 
 
 # ---------------------------------------------------------------------------

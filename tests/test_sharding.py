@@ -152,18 +152,18 @@ EXPECTED_SPECS = {
         "0/nu/params/block_0/ln_1/scale": [None],
     },
     "adafactor-largest": {
-        "0/v_row/params/block_0/up/kernel": ["data"],  # (16,): the column axis removed
-        "0/v_col/params/block_0/up/kernel": ["model"],  # (64,)
-        "0/v_row/params/block_0/down/kernel": ["data"],  # (64, 16): rows = axis 1
-        "0/v_col/params/block_0/down/kernel": ["model"],
-        "0/v/params/block_0/ln_1/scale": ["model"],
+        "0/0/v_row/params/block_0/up/kernel": ["data"],  # (16,): the column axis removed
+        "0/0/v_col/params/block_0/up/kernel": ["model"],  # (64,)
+        "0/0/v_row/params/block_0/down/kernel": ["data"],  # (64, 16): rows = axis 1
+        "0/0/v_col/params/block_0/down/kernel": ["model"],
+        "0/0/v/params/block_0/ln_1/scale": ["model"],
     },
     "adafactor-fan-b1": {
         # (16, 4) from (16, 4, 4): which 4 was removed cannot be read from the
         # shapes, so the 'model' entry is dropped rather than guessed.
-        "0/v_row/params/block_0/attn/query/kernel": [None, None],
-        "0/v_col/params/block_0/attn/query/kernel": ["model", None],  # (4, 4)
-        "0/mu/params/block_0/attn/query/kernel": [None, "model", None],
+        "0/0/v_row/params/block_0/attn/query/kernel": [None, None],
+        "0/0/v_col/params/block_0/attn/query/kernel": ["model", None],  # (4, 4)
+        "0/3/ema/params/block_0/attn/query/kernel": [None, "model", None],
     },
     "muon": {
         "inner_states/adam/inner_state/0/nu/params/wte/embedding": ["model", None],
