@@ -44,17 +44,17 @@ from slimoptax._adafactor import scale_by_adafactor
 from slimoptax._adafactor import scale_by_factored_second_moment
 
 # Muon: Newton–Schulz orthogonalization.
-from slimoptax._muon import CUBIC_COEFFS
-from slimoptax._muon import QUINTIC_COEFFS
+from slimoptax._newton_schulz import CUBIC_COEFFS
+from slimoptax._newton_schulz import QUINTIC_COEFFS
+from slimoptax._newton_schulz import muon_flop_overhead
+from slimoptax._newton_schulz import newton_schulz
+from slimoptax._newton_schulz import newton_schulz_flops
 from slimoptax._muon import MuonDimensionNumbers
 from slimoptax._muon import ReshapedDims
 from slimoptax._muon import ScaleByMuonState
 from slimoptax._muon import matrix_dims
 from slimoptax._muon import muon
-from slimoptax._muon import muon_flop_overhead
 from slimoptax._muon import muon_labels
-from slimoptax._muon import newton_schulz
-from slimoptax._muon import newton_schulz_flops
 from slimoptax._muon import orthogonalize
 from slimoptax._muon import scale_by_matrix_shape
 from slimoptax._muon import scale_by_muon
