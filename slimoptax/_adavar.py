@@ -1,7 +1,8 @@
 """Adam as an online mean/variance estimator: AdaVar and Thm 4.1.
 
-Orvieto & Gower (2025), §4. With ``b1 = b2 = beta``, no bias correction and
-``eps = 0``, Adam's direction ``m_k / sqrt(v_k)`` equals (Prop. 1)
+Orvieto & Gower, In Search of Adam's Secret Sauce, 2025, §4. With ``b1 = b2 =
+beta``, no bias correction and ``eps = 0``, Adam's direction ``m_k /
+sqrt(v_k)`` equals (Prop. 1)
 
 .. math::
 
@@ -12,7 +13,9 @@ Orvieto & Gower (2025), §4. With ``b1 = b2 = beta``, no bias correction and
 so ``sigma_k^2 = v_k - m_k^2 = beta EMA_beta[(m_{k-1} - g_k)^2]``: the online
 variational estimate of the gradient variance of Thm 4.1 (eq. 7, 8). AdaVar
 (eq. 12, App. C.4) decouples the three roles of ``beta``:
-``sigma_k^2 = gamma EMA_tau[(m_{k-1} - g_k)^2]``.
+``sigma_k^2 = gamma EMA_tau[(m_{k-1} - g_k)^2]``. The mean and the bias
+corrections are optax's (`optax.tree.update_moment`,
+`optax.tree.bias_correction`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import optax
 from jax.typing import ArrayLike
 
 from slimoptax import _tree
+from slimoptax._sign import safe_divide
 from slimoptax._slim_adam import ScaleBySlimAdamState
 
 
@@ -53,7 +57,7 @@ def scale_by_adavar(
     bias_correction: bool = False,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
-  """Rescales updates by AdaVar, the generalised Adam reformulation (seed eq. 12).
+  """Rescales updates by AdaVar, Orvieto & Gower's generalised Adam (eq. 12).
 
   .. math::
 
@@ -72,15 +76,15 @@ def scale_by_adavar(
   the second moment AdaVar implies, ``v_k = m_k^2 + sigma_k^2``:
   ``d_k = m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m_k / (1 - beta^k)`` and
   ``v_hat = v_k / (1 - tau^k)``. With ``gamma = tau = beta`` this is
-  `optax.scale_by_adam` ``(b1 = b2 = beta)`` exactly. (The seed does not say how
-  its AdaVar runs debiased; this is our choice.)
+  `optax.scale_by_adam` ``(b1 = b2 = beta)`` exactly. (Orvieto & Gower do not say
+  how their AdaVar runs debiased; this is our choice.)
 
   Args:
     beta: decay of the mean estimate ``m``.
     gamma: multiplier of the variance term (``None``: ``beta``).
     tau: decay of the squared-deviation EMA (``None``: ``beta``).
     eps: added to the denominator outside the square root, as in Adam (0
-      gives the seed's eq. 12 exactly, with ``0/0 := 0``).
+      gives Orvieto & Gower's eq. 12 exactly, with ``0/0 := 0``).
     bias_correction: debias as described above.
     mu_dtype: dtype of ``m`` (default: the updates').
 
@@ -88,8 +92,15 @@ def scale_by_adavar(
     A `optax.GradientTransformation` with state `ScaleByAdaVarState`.
 
   Example:
-    >>> tx = optax.chain(slimoptax.scale_by_adavar(0.95, gamma=0.95, tau=0.95),
+    >>> import jax.numpy as jnp, optax, slimoptax
+    >>> params = {"w": jnp.array([1.0, -1.0])}
+    >>> tx = optax.chain(slimoptax.scale_by_adavar(0.95, gamma=0.95, tau=0.95,
+    ...                                                  bias_correction=True),
     ...                  optax.add_decayed_weights(0.1), optax.scale_by_learning_rate(8e-3))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([0.2, -0.4])}, state, params)
+    >>> [round(x, 5) for x in updates["w"].tolist()]  # Adam's first step: sign(g)
+    [-0.0088, 0.0088]
 
   References:
     Orvieto & Gower, In Search of Adam's Secret Sauce, 2025 (Prop. 1, eq. 12,
@@ -97,48 +108,31 @@ def scale_by_adavar(
   """
   gamma = beta if gamma is None else gamma
   tau = beta if tau is None else tau
-  mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
+  mu_dtype = _tree.canonical_dtype(mu_dtype)
 
   def init_fn(params):
     _tree.check_float_params(params)
-    mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
-    sigma2 = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
-    return ScaleByAdaVarState(count=jnp.zeros([], jnp.int32), mu=mu, sigma2=sigma2)
+    return ScaleByAdaVarState(count=jnp.zeros([], jnp.int32),
+                              mu=_tree.zeros_like_tree(params, mu_dtype),
+                              sigma2=_tree.zeros_like_tree(params))
 
   def update_fn(updates, state, params=None):
     del params
-    g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    mu_leaves = _tree.leaves_like(updates, state.mu, what="state.mu")
-    s_leaves = _tree.leaves_like(updates, state.sigma2, what="state.sigma2")
+    mu, sigma2 = _tree.map_update(
+        lambda _, g, m, s: (optax.tree.update_moment(g, m, beta, 1),
+                            tau * s + gamma * (1 - tau) * jnp.square(m - g)),
+        updates, state.mu, state.sigma2, names=["first moment", "variance"], num_outputs=2)
     count_inc = optax.safe_increment(state.count)
+    num, v = mu, jax.tree.map(lambda m, s: jnp.square(m) + s, mu, sigma2)
     if bias_correction:
-      c_mu = 1 - jnp.asarray(beta, jnp.float32) ** count_inc
-      c_v = 1 - jnp.asarray(tau, jnp.float32) ** count_inc
-    new_d, new_mu, new_s = [], [], []
-    for (path, _), g, m_prev, s in zip(_tree.named_leaves(updates), g_leaves, mu_leaves,
-                                       s_leaves):
-      for what, x in (("first moment", m_prev), ("variance", s)):
-        if tuple(x.shape) != tuple(g.shape):
-          raise ValueError(
-              f"{what} of {path!r} has shape {tuple(x.shape)} but the update has "
-              f"{tuple(g.shape)}: the state was created for other parameters")
-      s_prev = s
-      m = beta * m_prev + (1 - beta) * g
-      s = tau * s + gamma * (1 - tau) * jnp.square(m_prev - g)
-      v = jnp.square(m) + s
-      if bias_correction:
-        num, v = m / c_mu.astype(m.dtype), v / c_v.astype(v.dtype)
-      else:
-        num = m
-      denom = jnp.sqrt(v) + eps
-      safe = jnp.where(denom > 0, denom, jnp.ones_like(denom))
-      new_d.append(jnp.where(denom > 0, num / safe, jnp.zeros_like(num)).astype(g.dtype))
-      # The state keeps its dtypes (array-valued betas must not promote a bf16 state).
-      new_mu.append(m.astype(mu_dtype or m_prev.dtype))
-      new_s.append(s.astype(s_prev.dtype))
-    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    return unflat(new_d), ScaleByAdaVarState(count=count_inc, mu=unflat(new_mu),
-                                             sigma2=unflat(new_s))
+      num = optax.tree.bias_correction(mu, jnp.asarray(beta, jnp.float32), count_inc)
+      v = optax.tree.bias_correction(v, jnp.asarray(tau, jnp.float32), count_inc)
+    d = jax.tree.map(lambda g, n, v: safe_divide(n, jnp.sqrt(v) + eps).astype(g.dtype),
+                     updates, num, v)
+    # The state keeps its dtypes (array-valued betas must not promote a bf16 state).
+    mu = jax.tree.map(lambda m, prev: m.astype(mu_dtype or prev.dtype), mu, state.mu)
+    sigma2 = jax.tree.map(lambda s, prev: s.astype(prev.dtype), sigma2, state.sigma2)
+    return d, ScaleByAdaVarState(count=count_inc, mu=mu, sigma2=sigma2)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -147,25 +141,10 @@ _ADAM_STATES = (optax.ScaleByAdamState, ScaleBySlimAdamState)
 
 
 def _find_adam_states(state: Any) -> list[Any]:
-  found = []
-
-  def visit(x):
-    if isinstance(x, _ADAM_STATES):
-      found.append(x)
-      return
-    if isinstance(x, (tuple, list)):
-      for y in x:
-        visit(y)
-    elif isinstance(x, dict):
-      for y in x.values():
-        visit(y)
-    elif hasattr(x, "inner_states"):  # optax.partition / multi_transform
-      visit(x.inner_states)
-    elif hasattr(x, "inner_state"):  # masked, MultiSteps, inject_hyperparams, ...
-      visit(x.inner_state)
-
-  visit(state)
-  return found
+  """Every Adam state inside ``state`` (found by type name, wherever it sits)."""
+  is_adam = lambda _, x: isinstance(x, _ADAM_STATES)
+  return [found for cls in _ADAM_STATES
+          for _, found in optax.tree.get_all_with_path(state, cls.__name__, is_adam)]
 
 
 def mean_variance_from_adam(state: Any, *, beta: ArrayLike | None = None) -> tuple[Any, Any]:
@@ -195,8 +174,15 @@ def mean_variance_from_adam(state: Any, *, beta: ArrayLike | None = None) -> tup
       is compressed (the path is named).
 
   Example:
-    >>> tx = optax.adam(1e-3, b1=0.95, b2=0.95)
-    >>> mean, var = slimoptax.mean_variance_from_adam(opt_state)
+    >>> import jax.numpy as jnp, optax, slimoptax
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax.adam(1e-3, b1=0.5, b2=0.5)
+    >>> opt_state = tx.init(params)
+    >>> for g in ([1.0, 2.0], [3.0, 2.0]):
+    ...   _, opt_state = tx.update({"w": jnp.array(g)}, opt_state)
+    >>> mean, var = slimoptax.mean_variance_from_adam(opt_state, beta=0.5)
+    >>> [f"{x:.4f}" for x in [*mean["w"].tolist(), *var["w"].tolist()]]  # weights 1/3, 2/3
+    ['2.3333', '2.0000', '0.8889', '0.0000']
   """
   found = _find_adam_states(state)
   if len(found) != 1:

@@ -1,6 +1,8 @@
 """Sign-based updates: SignSGD, Signum, EMASign and mollified Signum.
 
-The sign methods of Orvieto & Gower's ladder between SGD and Adam (Table 1, §2).
+The sign methods of the ladder between SGD and Adam in Orvieto & Gower, In
+Search of Adam's Secret Sauce, 2025 (Table 1, §2); SignSGD and Signum are
+Bernstein et al., signSGD: Compressed Optimisation for Non-Convex Problems, 2018.
 With ``EMA_beta[s_k] = beta EMA_beta[s_{k-1}] + (1 - beta) s_k`` (eq. 1, i.e.
 momentum with dampening ``1 - beta``):
 
@@ -10,14 +12,15 @@ momentum with dampening ``1 - beta``):
   \\text{Signum:}\\; d_k = \\operatorname{sign}(\\mathrm{EMA}_\\beta[g_k]), \\qquad
   \\text{EMASign:}\\; d_k = \\mathrm{EMA}_\\beta[\\operatorname{sign}(g_k)],
 
-and the mollified Signum of their Fig. 4 / Fig. 7, ``d_k = m_k / sqrt(m_k^2 +
+and the mollified Signum of Orvieto & Gower's Fig. 4 / Fig. 7, ``d_k = m_k / sqrt(m_k^2 +
 eps)`` with ``m_k = EMA_beta[g_k]`` (or ``m_k / (|m_k| + eps)``, the mollifier
 outside the square root). Adam with ``b1 = b2`` is the *adaptive* mollifier
-``m_k / sqrt(m_k^2 + sigma_k^2)`` (see `slimoptax.variance`).
+``m_k / sqrt(m_k^2 + sigma_k^2)`` (see `slimoptax.scale_by_adavar`).
 
 The EMA starts at zero (``init="zero"``, "ZI") or at its first input
-(``init="grad"``, "GI": ``EMA[s_1] = s_1``), the two initialisations the seed
-ablates (Fig. 4, Table 3). No bias correction: Signum is invariant to it.
+(``init="grad"``, "GI": ``EMA[s_1] = s_1``), the two initialisations
+Orvieto & Gower ablate (Fig. 4, Table 3). No bias correction: Signum is
+invariant to it. The EMA is `optax.tree.update_moment` (order 1).
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ def _is_zero(x: Any) -> bool:
     return False
 
 
+def safe_divide(num: jax.Array, denom: jax.Array) -> jax.Array:
+  """``num / denom`` where ``denom > 0``, else 0 (``0/0 := 0``)."""
+  safe = jnp.where(denom > 0, denom, jnp.ones_like(denom))
+  return jnp.where(denom > 0, num / safe, jnp.zeros_like(num))
+
+
 def scale_by_sign(
     *,
     mode: str = "signum",
@@ -84,15 +93,15 @@ def scale_by_sign(
 
   Args:
     mode: ``"signsgd"``, ``"signum"``, ``"emasign"`` (momentum on the sign,
-      "Momentum on SignSGD" in the seed) or ``"mollified"``.
+      "Momentum on SignSGD" in Orvieto & Gower) or ``"mollified"``.
     beta: EMA decay; the dampening is ``1 - beta``. Unused by ``"signsgd"``.
     eps: the mollifier of ``"mollified"`` (``eps = 0`` gives Signum, with
       ``0/0 := 0``). Must be 0 for the other modes.
     init: ``"zero"`` (ZI) or ``"grad"`` (GI: the EMA is set to its first
       input on the first step). ``"signsgd"`` has no EMA and takes only
       ``"zero"``.
-    eps_in_sqrt: ``"mollified"`` only: ``m / sqrt(m^2 + eps)`` if True (seed
-      Fig. 4), ``m / (|m| + eps)`` if False (the "outside" variant of Fig. 7).
+    eps_in_sqrt: ``"mollified"`` only: ``m / sqrt(m^2 + eps)`` if True
+      (Orvieto & Gower, Fig. 4), ``m / (|m| + eps)`` if False (the "outside" variant of Fig. 7).
     mu_dtype: dtype of the EMA (default: the updates').
 
   Returns:
@@ -101,9 +110,15 @@ def scale_by_sign(
     optimizers with weight decay and clipping).
 
   Example:
+    >>> import jax.numpy as jnp, optax, slimoptax
+    >>> params = {"w": jnp.array([1.0, -2.0, 0.5])}
     >>> tx = optax.chain(slimoptax.scale_by_sign(mode="signum", beta=0.95),
     ...                  optax.add_decayed_weights(0.1),
     ...                  optax.scale_by_learning_rate(1e-3))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([0.3, -0.1, 0.0])}, state, params)
+    >>> [round(x, 6) for x in updates["w"].tolist()]  # -lr * (sign(m) + 0.1 w)
+    [-0.0011, 0.0012, -5e-05]
 
   References:
     Bernstein et al., `signSGD: Compressed Optimisation for Non-Convex Problems
@@ -119,13 +134,11 @@ def scale_by_sign(
     raise ValueError(f"eps={eps!r} is only used by mode='mollified', not mode={mode!r}")
   if mode == "signsgd" and init != "zero":
     raise ValueError("mode='signsgd' keeps no EMA; init must be 'zero'")
-  mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
+  mu_dtype = _tree.canonical_dtype(mu_dtype)
 
   def init_fn(params):
     _tree.check_float_params(params)
-    mu = None
-    if mode != "signsgd":
-      mu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype=mu_dtype or p.dtype), params)
+    mu = None if mode == "signsgd" else _tree.zeros_like_tree(params, mu_dtype)
     return ScaleBySignState(count=jnp.zeros([], jnp.int32), mu=mu)
 
   def _direction(m):
@@ -134,34 +147,26 @@ def scale_by_sign(
     if mode == "emasign":
       return m
     # mollified
-    denom = jnp.sqrt(jnp.square(m) + eps) if eps_in_sqrt else jnp.abs(m) + eps
-    safe = jnp.where(denom > 0, denom, jnp.ones_like(denom))
-    return jnp.where(denom > 0, m / safe, jnp.zeros_like(m))
+    return safe_divide(m, jnp.sqrt(jnp.square(m) + eps) if eps_in_sqrt else jnp.abs(m) + eps)
 
   def update_fn(updates, state, params=None):
     del params
     count_inc = optax.safe_increment(state.count)
     if mode == "signsgd":
       return jax.tree.map(jnp.sign, updates), ScaleBySignState(count=count_inc, mu=None)
-    mu_leaves = _tree.leaves_like(updates, state.mu, what="state.mu")
-    g_leaves, treedef = jax.tree_util.tree_flatten(updates)
     first = state.count == 0
-    new_d, new_mu = [], []
-    for (path, _), g, m in zip(_tree.named_leaves(updates), g_leaves, mu_leaves):
-      if tuple(jnp.shape(m)) != tuple(jnp.shape(g)):
-        raise ValueError(
-            f"EMA of {path!r} has shape {tuple(jnp.shape(m))} but the update has "
-            f"{tuple(jnp.shape(g))}: the state was created for other parameters")
-      mu_prev = m
+
+    def leaf(path, g, m_prev):
+      del path
       s = jnp.sign(g) if mode == "emasign" else g
-      m = beta * m + (1 - beta) * s
+      m = optax.tree.update_moment(s, m_prev, beta, 1)
       if init == "grad":
         m = jnp.where(first, s.astype(m.dtype), m)
-      new_d.append(_direction(m).astype(g.dtype))
       # The state keeps its dtype (an array-valued beta must not promote a bf16 EMA).
-      new_mu.append(m.astype(mu_dtype or mu_prev.dtype))
-    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    return unflat(new_d), ScaleBySignState(count=count_inc, mu=unflat(new_mu))
+      return _direction(m).astype(g.dtype), m.astype(mu_dtype or m_prev.dtype)
+
+    d, mu = _tree.map_update(leaf, updates, state.mu, names=["EMA"], num_outputs=2)
+    return d, ScaleBySignState(count=count_inc, mu=mu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -1,6 +1,7 @@
 """SNR analysis of Adam's second moments, and rules derived from it.
 
-Kalra et al. (2025), eq. 3: for a second-moment tensor ``V`` and axes ``K``
+Kalra et al., When Can You Get Away with Low Memory Adam?, 2025, eq. 3: for a
+second-moment tensor ``V`` and axes ``K``
 
 .. math::
 
@@ -24,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from slimoptax import _tree, layers, presets
 from slimoptax import rules as rules_lib
@@ -43,6 +45,7 @@ def snr(v: jax.Array, axes: Sequence[int]) -> jax.Array:
     (population variance), over finite entries only; NaN if none is finite.
 
   Example:
+    >>> import jax.numpy as jnp, slimoptax
     >>> slimoptax.snr(jnp.array([[1., 3.], [2., 2.]]), (1,))   # row 0: 4/1, row 1: 4/0 -> 4
     Array(4., dtype=float32)
   """
@@ -83,17 +86,25 @@ def find_second_moment(opt_state: Any, params: Any) -> Any:
   """Finds Adam's second moment ``nu`` (a tree like ``params``) in an optax state.
 
   Works for `optax.scale_by_adam` / `optax.adamw` states and for
-  `slimoptax.scale_by_slim_adam` states, wherever they sit in a chain.
+  `slimoptax.scale_by_slim_adam` states, wherever they sit in a chain: the
+  first field named ``nu`` (`optax.tree.get_all_with_path`) whose leaves have
+  the parameters' paths.
 
   Raises:
     ValueError: if no field named ``nu`` with the parameters' structure exists.
-  """
-  import optax  # local: optax.tree.get_all_with_path
 
+  Example:
+    >>> import jax.numpy as jnp, optax, slimoptax
+    >>> params = {"mlp": {"up": {"kernel": jnp.ones((4, 8))}}}
+    >>> state = slimoptax.slim_adamw(1e-3, compress="adalayer").init(params)
+    >>> slimoptax.find_second_moment(state, params)["mlp"]["up"]["kernel"].shape
+    (1, 1)
+  """
   want = [p for p, _ in _tree.named_leaves(params)]
-  for _, nu in optax.tree.get_all_with_path(opt_state, "nu"):
-    if [p for p, _ in _tree.named_leaves(nu)] == want:
-      return nu
+  has_param_paths = lambda _, nu: [p for p, _ in _tree.named_leaves(nu)] == want
+  found = optax.tree.get_all_with_path(opt_state, "nu", has_param_paths)
+  if found:
+    return found[0][1]
   raise ValueError(
       "no second moment `nu` with the parameters' paths in this optimizer state "
       "(SNR tracking and memory reports need an Adam-family state)"
@@ -116,11 +127,23 @@ class SNRTracker:
     candidates: optional ``{path: [axes, ...]}`` overriding `candidate_axes`.
 
   Example:
-    >>> tracker = slimoptax.SNRTracker(params, every=100, steps=(1,))
-    >>> for step in range(1, n + 1):
-    ...   params, opt_state = train_step(params, opt_state, batch)
-    ...   tracker.maybe_record(step, opt_state)
+    >>> import jax, jax.numpy as jnp, optax, slimoptax
+    >>> params = {"mlp": {"up": {"kernel": jnp.ones((4, 8))}}, "ln": {"scale": jnp.ones(4)}}
+    >>> tx = optax.adam(1e-3)
+    >>> opt_state = tx.init(params)
+    >>> tracker = slimoptax.SNRTracker(params, every=2, steps=(1,))
+    >>> rows = jnp.array([1.0, 2.0, 3.0, 4.0])[:, None]  # gradients scale with the row
+    >>> for step in range(1, 5):
+    ...   noise = jax.random.normal(jax.random.PRNGKey(step), (4, 8))
+    ...   grads = {"mlp": {"up": {"kernel": rows * (1 + 0.1 * noise)}},
+    ...            "ln": {"scale": noise[0, :4]}}
+    ...   _, opt_state = tx.update(grads, opt_state)
+    ...   recorded = tracker.maybe_record(step, opt_state)
+    >>> [step for step, _ in tracker.history["mlp/up/kernel"][(1,)]]
+    [1, 2, 4]
     >>> rules = slimoptax.derive_rules(tracker.time_average(), shapes=tracker.shapes)
+    >>> slimoptax.compression_axes(params, rules)  # each row's nu is nearly constant
+    {'ln': {'scale': ()}, 'mlp': {'up': {'kernel': (1,)}}}
   """
 
   def __init__(self, params: Any, *, every: int = 100, steps: Iterable[int] = (1,),
@@ -268,8 +291,15 @@ def derive_rules(
     integer axes in the convention of the table.
 
   Example:
-    >>> rules = slimoptax.derive_rules(tracker.time_average(), 1.0, shapes=tracker.shapes)
+    >>> import jax.numpy as jnp, slimoptax
+    >>> table = {"mlp/up/kernel": {(0,): 0.4, (1,): 7.5, (0, 1): 0.3}, "ln/scale": {(0,): 12.0}}
+    >>> rules = slimoptax.derive_rules(table, 1.0, shapes={"mlp/up/kernel": (4, 8), "ln/scale": (4,)})
+    >>> [(rule.label, rule.axes) for rule in rules]  # vectors are never compressed
+    [('mlp/up/kernel', (1,)), ('ln/scale', ())]
     >>> tx = slimoptax.slim_adamw(3e-3, compress=rules)
+    >>> params = {"mlp": {"up": {"kernel": jnp.ones((4, 8))}}, "ln": {"scale": jnp.ones(4)}}
+    >>> tx.init(params)[0].nu["mlp"]["up"]["kernel"].shape
+    (4, 1)
   """
   out = []
   for name, per in snr_table.items():
@@ -322,8 +352,11 @@ def second_moments_kept(shapes: Mapping[str, Sequence[int]], rules: Any) -> tupl
   """(entries kept, Adam's entries) for parameters ``{name: shape}`` under ``rules``.
 
   Example:
-    >>> kept, total = slimoptax.second_moments_kept(shapes, rules)
-    >>> print(f"{1 - kept / total:.2%} saved")
+    >>> import slimoptax
+    >>> shapes = {"mlp/up/kernel": (4, 8), "ln/scale": (4,)}
+    >>> kept, total = slimoptax.second_moments_kept(shapes, "slimadam")  # mlp_up: fan_out
+    >>> print(f"{kept} of {total}: {1 - kept / total:.2%} saved")
+    8 of 36: 77.78% saved
   """
   tree = {name: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for name, s in shapes.items()}
   axes = rules_lib.compression_axes(tree, rules)

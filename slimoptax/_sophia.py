@@ -49,10 +49,8 @@ import optax
 from jax.typing import ArrayLike
 
 from slimoptax import _slim_adam as slim_adam
-from slimoptax import _tree, layers
-from slimoptax import rules as rules_lib
-
-Compress = Any  # None | str | Rules | mapping | callable | pytree of axes
+from slimoptax import _tree
+from slimoptax._slim_adam import Compress
 
 DISTRIBUTIONS: tuple[str, ...] = ("rademacher", "gaussian")
 ESTIMATORS: tuple[str, ...] = ("hutchinson", "gnb")
@@ -135,7 +133,11 @@ def hutchinson_estimate(
     noise).
 
   Example:
-    >>> h = slimoptax.hutchinson_estimate(lambda p: loss(p, batch), params, key)
+    >>> import jax, jax.numpy as jnp, slimoptax
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> loss = lambda p: jnp.sum(jnp.array([3.0, 0.5]) * p["w"] ** 2)  # diag(H) = (6, 1)
+    >>> slimoptax.hutchinson_estimate(loss, params, jax.random.PRNGKey(0))["w"].tolist()
+    [6.0, 1.0]
   """
   _sampler(distribution)
   if int(num_samples) < 1:
@@ -189,6 +191,14 @@ def gnb_estimate(
 
   Returns:
     A pytree like ``params`` of non-negative estimates.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, slimoptax
+    >>> params = {"w": jnp.ones((3, 4))}
+    >>> x = jnp.arange(6.0).reshape(2, 3) / 6
+    >>> h = slimoptax.gnb_estimate(lambda p: x @ p["w"], params, jax.random.PRNGKey(0))
+    >>> h["w"].shape, bool((h["w"] >= 0).all())
+    ((3, 4), True)
   """
   logits, vjp_fn = jax.vjp(logits_fn, params)
   if logits.ndim < 1:
@@ -231,44 +241,32 @@ class ScaleByHutchinsonState(NamedTuple):
   win_rate: chex.Array
 
 
-def _mean_over(x: jax.Array, axes: layers.Axes | layers.Reshaped) -> jax.Array:
-  """Mean over ``axes`` with kept dims (in ``x``'s view), like `slim_adam.mean_square`."""
-  if isinstance(axes, layers.Reshaped):
-    x = x.reshape(axes.shape)
-    axes = axes.axes
-  if not axes:
-    return x
-  return jnp.mean(x, axis=axes, keepdims=True)
-
-
-def _divide(m: jax.Array, den: jax.Array, axes) -> jax.Array:
-  if isinstance(axes, layers.Reshaped):
-    return (m.reshape(axes.shape) / den).reshape(m.shape)
-  return m / den
-
-
-def _resolve(tree: Any, compress: Compress, num_heads: int | None, *, warn: bool):
-  return [a for _, _, a in rules_lib.resolve_tree(
-      tree, compress, what="compress", num_heads=num_heads, warn=warn)]
-
-
 def sophia_win_rate(opt_state: Any) -> jax.Array:
   """The ``win_rate`` of the (first) `ScaleByHutchinsonState` inside ``opt_state``.
 
   Works on a bare state, a chain / partition / masked state (e.g. `sophia`'s).
+
+  Example:
+    >>> import jax.numpy as jnp, slimoptax
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> tx = slimoptax.sophia(1e-2)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+    >>> _, state = tx.update({"w": jnp.array([2.0, -4.0])}, state, params, obj_fn=loss)
+    >>> float(slimoptax.sophia_win_rate(state))  # h = 0 on the first step: all clipped
+    0.0
   """
-  found = []
-
-  def visit(x):
-    if isinstance(x, ScaleByHutchinsonState):
-      found.append(x)
-      return True
-    return False
-
-  jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
+  is_state = lambda _, x: isinstance(x, ScaleByHutchinsonState)
+  found = optax.tree.get_all_with_path(opt_state, ScaleByHutchinsonState.__name__, is_state)
   if not found:
     raise ValueError("no ScaleByHutchinsonState in this optimizer state")
-  return found[0].win_rate
+  return found[0][1].win_rate
+
+
+def _curvature_ema(h: jax.Array, estimate: jax.Array, axes: Any, b2: ArrayLike) -> jax.Array:
+  """``b2 h + (1 - b2) E_K[estimate]``, in ``h``'s dtype."""
+  mean = slim_adam.mean_over(estimate, axes).astype(h.dtype)
+  return optax.tree.update_moment(mean, h, b2, 1).astype(h.dtype)
 
 
 def scale_by_hutchinson(
@@ -359,9 +357,15 @@ def scale_by_hutchinson(
     `ScaleByHutchinsonState`; ``update(updates, state, params, obj_fn=...)``.
 
   Example:
-    >>> tx = optax.chain(slimoptax.scale_by_hutchinson(), optax.scale(-1e-3))
-    >>> updates, state = tx.update(grads, state, params,
-    ...                            obj_fn=lambda p: loss(p, batch))
+    >>> import jax, jax.numpy as jnp, optax, slimoptax
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> loss = lambda p: jnp.sum(jnp.array([50.0, 100.0]) * p["w"] ** 2)  # diag(H) = (100, 200)
+    >>> tx = optax.chain(slimoptax.scale_by_hutchinson(
+    ...     b1=0.0, b2=0.0, gamma=1.0, clip_threshold=10.0, fresh_estimate=True), optax.scale(-1.0))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params, obj_fn=loss)
+    >>> updates["w"].tolist()  # the Newton step -g / h = -w
+    [-1.0, -2.0]
 
   References:
     Liu et al., Sophia, ICLR 2024 (Algorithm 3).
@@ -388,8 +392,8 @@ def scale_by_hutchinson(
     if concrete_every != update_every:
       raise ValueError(f"update_every must be an integer, got {update_every}")
     update_every = concrete_every
-  mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
-  h_dtype = jax.dtypes.canonicalize_dtype(h_dtype) if h_dtype is not None else None
+  mu_dtype = _tree.canonical_dtype(mu_dtype)
+  h_dtype = _tree.canonical_dtype(h_dtype)
 
   def estimate(params, key, extra_args):
     if callable(estimator):
@@ -411,8 +415,7 @@ def scale_by_hutchinson(
 
   def init_fn(params):
     _tree.check_float_params(params)
-    axes = _resolve(params, compress, num_heads, warn=True)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    axes = slim_adam.resolve_axes(params, compress, num_heads, warn=True)
     # An integer scalar (also an array: optax.inject_hyperparams) is a seed, else a key.
     is_seed = isinstance(seed, (int, np.integer)) or (
         jnp.ndim(seed) == 0 and jnp.issubdtype(jnp.result_type(seed), jnp.integer))
@@ -420,72 +423,53 @@ def scale_by_hutchinson(
     return ScaleByHutchinsonState(
         count=jnp.zeros([], jnp.int32),
         key=key,
-        mu=jax.tree_util.tree_unflatten(
-            treedef, [jnp.zeros(p.shape, mu_dtype or p.dtype) for p in leaves]),
-        h=jax.tree_util.tree_unflatten(
-            treedef, [jnp.zeros(rules_lib.reduced_shape(p.shape, a), h_dtype or p.dtype)
-                      for p, a in zip(leaves, axes)]),
+        mu=_tree.zeros_like_tree(params, mu_dtype),
+        h=slim_adam.reduced_zeros(params, axes, h_dtype),
         win_rate=jnp.zeros([], jnp.float32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("scale_by_hutchinson needs params: update(updates, state, params, ...)")
-    axes = _resolve(updates, compress, num_heads, warn=False)
-    g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    paths = [path for path, _ in _tree.named_leaves(updates)]
-    mu_leaves = _tree.leaves_like(updates, state.mu, what="state.mu")
-    h_state_leaves = _tree.leaves_like(updates, state.h, what="state.h")
-    for path, m, h, a, g in zip(paths, mu_leaves, h_state_leaves, axes, g_leaves):
-      if tuple(m.shape) != tuple(g.shape):
-        raise ValueError(
-            f"momentum of {path!r} has shape {tuple(m.shape)} but the update has "
-            f"{tuple(g.shape)}: the state was created for other parameters")
-      expected = rules_lib.reduced_shape(g.shape, a)
-      if tuple(h.shape) != expected:
-        raise ValueError(
-            f"curvature EMA of {path!r} has shape {tuple(h.shape)} but the compression rules give "
-            f"{expected}: the state was created with other rules (or for other parameters)")
+    axes = slim_adam.resolve_axes(updates, compress, num_heads, warn=False)
+    treedef = jax.tree_util.tree_structure(updates)
+    # Checked before anything is estimated (path-named errors).
+    _tree.state_leaves(updates, state.mu, name="momentum")
+    h_leaves = _tree.state_leaves(updates, state.h, name="curvature EMA",
+                                  shapes=slim_adam.reduced_shapes(updates, axes),
+                                  source="the compression rule")
 
-    def refresh(key, h_tree):
+    def refresh(key, h_leaves):
       key, sub = jax.random.split(key)
-      est = estimate(params, sub, extra_args)
-      est_leaves = _tree.leaves_like(updates, est, what="curvature estimate")
-      h_leaves = treedef.flatten_up_to(h_tree)
-      new_h = [(b2 * h + (1 - b2) * _mean_over(e, a).astype(h.dtype)).astype(h.dtype)
-               for h, e, a in zip(h_leaves, est_leaves, axes)]
-      return key, jax.tree_util.tree_unflatten(treedef, new_h)
+      est = _tree.leaves_like(updates, estimate(params, sub, extra_args), what="curvature estimate")
+      return key, [_curvature_ema(h, e, a, b2) for h, e, a in zip(h_leaves, est, axes)]
 
+    # The refresh reads only the state's key and h: with ``fresh_estimate`` the
+    # step uses its result, otherwise the next step does.
     do_refresh = jnp.equal(state.count % update_every, 0)
-    keep = lambda key, h_tree: (key, h_tree)
-    key, h_tree = state.key, state.h
-    if fresh_estimate:
-      key, h_tree = jax.lax.cond(do_refresh, refresh, keep, key, h_tree)
-
+    key, new_h = jax.lax.cond(do_refresh, refresh, lambda key, h: (key, h), state.key, h_leaves)
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     count_inc = optax.safe_increment(state.count)
-    h_leaves = treedef.flatten_up_to(h_tree)
-    c1 = 1 - jnp.asarray(b1, jnp.float32) ** count_inc
-    new_u, new_mu = [], []
-    not_clipped = jnp.zeros([], jnp.float32)
-    total = 0
-    for g, mu_prev, h, a in zip(g_leaves, mu_leaves, h_leaves, axes):
-      m = b1 * mu_prev + (1 - b1) * g
-      m_hat = m / c1.astype(m.dtype) if bias_correction else m
-      den = jnp.maximum(gamma * h, eps)
-      ratio = _divide(m_hat, den, a)
-      not_clipped += jnp.sum(jnp.abs(ratio) < clip_threshold).astype(jnp.float32)
-      total += math.prod(g.shape)
-      new_u.append(jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype))
-      # The state keeps its dtype (an array-valued b1 must not promote a bf16 momentum).
-      new_mu.append(m.astype(mu_dtype or mu_prev.dtype))
+    mu_hat = mu
+    if bias_correction:
+      mu_hat = optax.tree.bias_correction(mu, jnp.asarray(b1, jnp.float32), count_inc)
+
+    def direction(_, g, m_hat, h, a):
+      ratio = slim_adam.divide_in_view(m_hat, jnp.maximum(gamma * h, eps), a)
+      not_clipped = jnp.sum(jnp.abs(ratio) < clip_threshold).astype(jnp.float32)
+      return jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype), not_clipped
+
+    u, not_clipped = _tree.map_update(
+        direction, updates, names=[], num_outputs=2,
+        extra=[jax.tree_util.tree_leaves(mu_hat), new_h if fresh_estimate else h_leaves, axes])
+    total = sum(math.prod(_tree.shape_of(g)) for g in jax.tree_util.tree_leaves(updates))
+    not_clipped = sum(jax.tree_util.tree_leaves(not_clipped), jnp.zeros([], jnp.float32))
     win_rate = not_clipped / max(total, 1)
-
-    if not fresh_estimate:
-      key, h_tree = jax.lax.cond(do_refresh, refresh, keep, key, h_tree)
-
-    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    return unflat(new_u), ScaleByHutchinsonState(
-        count=count_inc, key=key, mu=unflat(new_mu), h=h_tree, win_rate=win_rate)
+    # The state keeps its dtype (an array-valued b1 must not promote a bf16 momentum).
+    mu = jax.tree.map(lambda m, prev: m.astype(mu_dtype or prev.dtype), mu, state.mu)
+    return u, ScaleByHutchinsonState(
+        count=count_inc, key=key, mu=mu, h=jax.tree_util.tree_unflatten(treedef, new_h),
+        win_rate=win_rate)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -567,9 +551,17 @@ def sophia(
     tx = optax.inject_hyperparams(slimoptax.sophia, static_args=("num_samples",))(6e-4)
 
   Example:
-    >>> tx = slimoptax.sophia(6e-4)
-    >>> updates, state = tx.update(grads, state, params, obj_fn=lambda p: loss(p, batch))
-    >>> slimoptax.sophia_win_rate(state)
+    >>> import jax, jax.numpy as jnp, optax, slimoptax
+    >>> params = {"w": jnp.array([2.0, -1.0, 0.5])}
+    >>> loss = lambda p: jnp.sum(jnp.array([1.0, 4.0, 0.25]) * p["w"] ** 2)
+    >>> tx = slimoptax.sophia(1.0, gamma=1.0, weight_decay=0.0, update_every=2)
+    >>> state, start = tx.init(params), loss(params)
+    >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, obj_fn=loss))
+    >>> for _ in range(30):
+    ...   updates, state = step(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 0.05 * start), float(slimoptax.sophia_win_rate(state))
+    (True, 1.0)
 
   References:
     Liu et al., Sophia, ICLR 2024; official code

@@ -224,7 +224,7 @@ def test_bad_inputs():
     scale_by_adavar().init({"w": {"kernel": jnp.ones(3), "count": jnp.zeros((), jnp.int32)}})
   tx = scale_by_adavar()
   state = tx.init({"a": jnp.ones(3), "b": jnp.ones(2)})
-  with pytest.raises(ValueError, match="state.mu.*'c'"):
+  with pytest.raises(ValueError, match=r"state \(first moment\).*'c'"):
     tx.update({"a": jnp.ones(3), "c": jnp.ones(2)}, state)
   params = {"Dense_0": {"kernel": jnp.ones((4, 3))}}
   slim = slimoptax.slim_adamw(1e-3, compress="adalayer")

@@ -212,7 +212,7 @@ def test_bad_inputs():
     scale_by_sign().init(params)
   tx = scale_by_sign()
   state = tx.init({"a": jnp.ones(3), "b": jnp.ones(2)})
-  with pytest.raises(ValueError, match="state.mu.*'c'"):
+  with pytest.raises(ValueError, match=r"state \(EMA\).*'c'"):
     tx.update({"a": jnp.ones(3), "c": jnp.ones(2)}, state)
 
 

@@ -46,7 +46,7 @@ def _run(tx, params, steps):
 @pytest.mark.parametrize("compress", [None, "adam", lambda p: jax.tree.map(lambda _: (), p)])
 def test_no_compression_equals_optax_adamw(dtype, atol, compress):
   params = _params(dtype)
-  mask = slimoptax._slim_adam.default_weight_decay_mask
+  mask = slimoptax.default_weight_decay_mask
   ours, _ = _run(slimoptax.slim_adamw(3e-2, compress=compress), params, 50)
   ref, _ = _run(optax.adamw(3e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=mask), params, 50)
   for k in SHAPES:
