@@ -54,10 +54,10 @@ class ScaleBySignState(NamedTuple):
   mu: optax.Updates | None
 
 
-def _is_zero(x: Any) -> bool:
-  """Whether a hyperparameter is a concrete zero (tracers are never zero)."""
+def _is_nonzero(x: Any) -> bool:
+  """Whether a hyperparameter is a concrete nonzero number (a traced one cannot be told)."""
   try:
-    return float(x) == 0.0
+    return float(x) != 0.0
   except (TypeError, jax.errors.ConcretizationTypeError):
     return False
 
@@ -130,7 +130,7 @@ def scale_by_sign(
     raise ValueError(f"unknown sign mode {mode!r}; known: {SIGN_MODES}")
   if init not in _INITS:
     raise ValueError(f"unknown init {init!r}; known: {_INITS}")
-  if mode != "mollified" and not _is_zero(eps):
+  if mode != "mollified" and _is_nonzero(eps):
     raise ValueError(f"eps={eps!r} is only used by mode='mollified', not mode={mode!r}")
   if mode == "signsgd" and init != "zero":
     raise ValueError("mode='signsgd' keeps no EMA; init must be 'zero'")

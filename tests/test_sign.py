@@ -219,3 +219,16 @@ def test_bad_inputs():
 def test_exported():
   assert slimoptax.scale_by_sign is scale_by_sign
   assert slimoptax.ScaleBySignState is slimoptax.ScaleBySignState
+
+
+def test_inject_hyperparams_signum_equals_plain():
+  """Under inject_hyperparams, eps (a tracer) is not taken for a nonzero eps of Signum."""
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+  inj = optax.inject_hyperparams(scale_by_sign, static_args=("mode", "init"))(mode="signum", beta=0.9)
+  plain = scale_by_sign(mode="signum", beta=0.9)
+  s_inj, s_plain = inj.init(params), plain.init(params)
+  for _ in range(3):
+    u_inj, s_inj = jax.jit(inj.update)(grads, s_inj)
+    u_plain, s_plain = plain.update(grads, s_plain)
+    np.testing.assert_array_equal(u_inj["w"], u_plain["w"])
