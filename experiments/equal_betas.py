@@ -1,15 +1,15 @@
 """Adam with beta1 = beta2 (Orvieto & Gower, Fig. 2/3, Takeaway 2), at CPU scale.
 
-Seed claims (160M LM, 200 Adam runs over (lr, beta1, beta2)):
+Orvieto & Gower's claims (160M LM, 200 Adam runs over (lr, beta1, beta2)):
 
 * Takeaway 2(a): for each beta1, ``beta2 = beta1`` is optimal or near-optimal (within
   ~0.3 perplexity of the best beta2, Fig. 3);
 * Takeaway 2(b): the optimal betas are correlated (higher beta1 -> higher best beta2),
   and loss grows as the two betas move apart.
 
-Here: a (beta1, beta2) grid of `slimoptax.ladder.adamw` (weight decay 0.1, global
-clipping 1, eps 1e-8, bias correction; the seed's setting) on the small GPT of
-`slimoptax.nanolm`, each cell at two learning rates, ``lr0 / sqrt(2)`` and
+Here: a (beta1, beta2) grid of `experiments._lib.ladder.adamw` (weight decay 0.1, global
+clipping 1, eps 1e-8, bias correction; the paper's setting) on the small GPT of
+`experiments._lib.model`, each cell at two learning rates, ``lr0 / sqrt(2)`` and
 ``lr0 * sqrt(2)``, around ``lr0`` = Adam's best learning rate in the ladder run
 (``experiments/results/optimizer_ladder/results.json``, where Adam had ``b1 = b2 =
 0.95``; ``--lr`` overrides). Using two rates that bracket ``lr0`` instead of ``lr0``
@@ -17,15 +17,15 @@ itself keeps the equal-beta cells from being favoured by a rate tuned for them. 
 cell's score is its better rate. The (0.95, 0.95) cell is trained twice more from
 other initialisations, to size the seed-to-seed noise.
 
-The betas follow the seed's grid ``beta = 1 - kappa (1 - 0.9)``: beta1 with kappa in
-{1, 1/2, 1/4}, beta2 with kappa in {1, 1/2, 1/4, 1/8} (the seed's runs also went to
-kappa = 1/32 and 4; cut here to fit the compute). All cells train together (`train_sweep` of
-``optimizer_ladder.py``: one vmapped step, same initialisation and batches).
+The betas follow the paper's grid ``beta = 1 - kappa (1 - 0.9)``: beta1 with kappa in
+{1, 1/2, 1/4}, beta2 with kappa in {1, 1/2, 1/4, 1/8} (the paper's runs also went to
+kappa = 1/32 and 4; cut here to fit the compute). All cells train together (`experiments._lib.ladder.train_sweep`: one vmapped step, same
+initialisation and batches).
 
 Usage:
-  python experiments/equal_betas.py --quick
-  python experiments/equal_betas.py                    # 3 x 4 betas x 2 rates, one initialisation
-  python experiments/equal_betas.py --lr-factors 0.7071067811865476 --init-seeds 0 1 2 \
+  python -m experiments.equal_betas --quick
+  python -m experiments.equal_betas                    # 3 x 4 betas x 2 rates, one initialisation
+  python -m experiments.equal_betas --lr-factors 0.7071067811865476 --init-seeds 0 1 2 \
       --out experiments/results/equal_betas/seeds      # one rate, three initialisations
 """
 
@@ -36,21 +36,14 @@ import csv
 import json
 import math
 import pathlib
-import sys
 import time
 from collections.abc import Sequence
 
-import matplotlib
 import numpy as np
-from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from optimizer_ladder import ladder_tx, load_data, machine, ppl, train_sweep  # noqa: E402
-
-from slimoptax import nanolm  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from experiments._lib import data, ladder, model, report
+from experiments._lib.plots import pyplot, save
+from experiments._lib.stats import ppl, spearman
 
 BETA1 = [0.9, 0.95, 0.975]
 BETA2 = [0.9, 0.95, 0.975, 0.9875]
@@ -66,6 +59,7 @@ def ladder_adam_lr(path: pathlib.Path) -> float | None:
 
 def plot_heatmaps(losses, b1s, b2s, lrs, noise_std, path):
   """Final validation loss per (beta1, beta2): best of the two rates, and each rate."""
+  plt = pyplot()
   best = np.nanmin(losses, axis=0)
   panels = [("best rate per cell", best)] + [(f"lr {lr:.3g}", losses[k]) for k, lr in enumerate(lrs)]
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
@@ -100,6 +94,7 @@ def plot_heatmaps(losses, b1s, b2s, lrs, noise_std, path):
 
 def plot_gaps(best, b1s, b2s, noise_std, path):
   """Fig. 3 style: per beta1, gap of each beta2 to the row's best; and loss vs beta mismatch."""
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, b1 in enumerate(b1s):
     gap = best[i] - np.nanmin(best[i])
@@ -125,14 +120,7 @@ def plot_gaps(best, b1s, b2s, noise_std, path):
   axes[1].set_ylabel("final val loss (best rate)")
   axes[1].set_title("Loss vs beta mismatch")
   axes[1].grid(True, alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-
-
-def spearman(a, b) -> float:
-  ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-  return float(np.corrcoef(ra, rb)[0, 1])
+  save(fig, path, dpi=90)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -141,14 +129,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--out", default="experiments/results/equal_betas")
   parser.add_argument("--ladder-results", default="experiments/results/optimizer_ladder/results.json")
   parser.add_argument("--lr", type=float, default=None, help="centre rate lr0 (default: ladder's Adam)")
-  parser.add_argument("--steps", type=int, default=200)
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--n-layers", type=int, default=2)
-  parser.add_argument("--d-model", type=int, default=64)
-  parser.add_argument("--vocab-size", type=int, default=512)
-  parser.add_argument("--max-bytes", type=int, default=None)
-  parser.add_argument("--eval-every", type=int, default=50)
-  parser.add_argument("--final-eval-batches", type=int, default=24)
+  report.lm_arguments(parser, steps=200, batch_size=16, n_layers=2, d_model=64, vocab_size=512,
+                      max_bytes=None, eval_every=50, final_eval_batches=24)
   parser.add_argument("--seed", type=int, default=0, help="batch order (and init, see --init-seeds)")
   parser.add_argument("--lr-factors", type=float, nargs="*", default=[2 ** -0.5, 2 ** 0.5],
                       help="rates tried per cell, as multiples of lr0")
@@ -169,28 +151,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.steps, args.max_bytes, args.eval_every, args.final_eval_batches = 6, 1_500_000, 3, 2
     args.n_layers, args.d_model = 1, 32  # compilation dominates the smoke test
     b1s, b2s = [0.9, 0.95], [0.9, 0.95]
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = report.output_dir(args.out)
   t0 = time.perf_counter()
-  say = lambda s: print(s, flush=True)  # noqa: E731
+  say = report.say
 
   lr0 = args.lr or ladder_adam_lr(pathlib.Path(args.ladder_results))
   lr_source = "--lr" if args.lr else ("ladder results" if lr0 else "default 4e-3 (no ladder results)")
   lr0 = lr0 or 4e-3
   lrs = [lr0 * f for f in args.lr_factors]
   seeds = args.init_seeds or [args.seed]
-  tokenizer, train_tokens, val_tokens = load_data(args.vocab_size, args.max_bytes)
-  cfg = nanolm.gpt_config("tiny", n_layers=args.n_layers, d_model=args.d_model,
-                          vocab_size=tokenizer.vocab_size)
-  num_params = nanolm.count_params(nanolm.build_model(cfg, rngs=nnx.Rngs(0)))
+  tokenizer, train_tokens, val_tokens = data.prepare_data(vocab_size=args.vocab_size,
+                                                          max_bytes=args.max_bytes)
+  lm = model.Functional(model.gpt_config("tiny", n_layers=args.n_layers, d_model=args.d_model,
+                                         vocab_size=tokenizer.vocab_size))
+  num_params = model.count_params(lm.init(0))
 
   cells = [(lr, b1, b2, sd) for lr in lrs for b1 in b1s for b2 in b2s for sd in seeds]
   if len(seeds) == 1 and 0.95 in b1s and 0.95 in b2s:
     cells += [(lrs[0], 0.95, 0.95, sd) for sd in NOISE_SEEDS]
   say(f"lr0 = {lr0:g} ({lr_source}); rates {lrs}; init seeds {seeds}; {len(cells)} models x "
       f"{args.steps} steps; model {num_params:,} params")
-  run = train_sweep(
-      cfg, ladder_tx("adam", {}),
+  run = ladder.train_sweep(
+      lm, "adam", {},
       {"lr": [c[0] for c in cells], "b1": [c[1] for c in cells], "b2": [c[2] for c in cells]},
       init_seeds=[c[3] for c in cells], train_tokens=train_tokens, val_tokens=val_tokens,
       steps=args.steps, batch_size=args.batch_size, warmup=max(1, args.steps // 10), seed=args.seed,
@@ -240,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   wall = time.perf_counter() - t0
 
   summary = {
-      "experiment": "equal_betas", "args": vars(args), "machine": machine(), "num_params": num_params,
-      "tokens_seen": args.steps * args.batch_size * cfg.seq_len, "lr0": lr0, "lr0_source": lr_source,
+      "experiment": "equal_betas", "args": vars(args), "machine": report.machine(), "num_params": num_params,
+      "tokens_seen": args.steps * args.batch_size * lm.seq_len, "lr0": lr0, "lr0_source": lr_source,
       "lrs": lrs, "beta1": b1s, "beta2": b2s, "init_seeds": seeds, "grid_final_val_loss": grid.tolist(),
       "per_seed_final_val_loss": per_seed.tolist(),
       "best_over_lrs": best.tolist(), "rows": rows,
@@ -285,9 +267,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   lines += [
             f"Overall best: beta1 {b1s[i_all]:g}, beta2 {b2s[j_all]:g}, loss {best[i_all, j_all]:.4f}",
             f"Spearman(loss, |log((1-b1)/(1-b2))|) = {rho:.3f}; Spearman(beta1, best beta2) = {best_b2_rank_corr:.3f}"]
-  (out / "tables.md").write_text("\n".join(lines) + "\n")
-  say("\n".join(lines))
-  say(f"wall time {wall:.0f}s; wrote {out}")
+  report.write_tables(out, lines, wall)
   return summary
 
 

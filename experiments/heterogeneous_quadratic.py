@@ -1,6 +1,6 @@
 """Heterogeneous vs homogeneous quadratic (Orvieto & Gower §5, Fig. 6/7, App. D).
 
-Setup (seed App. D): ``L(w) = 1/2 w^T H w`` in 9 dimensions, ``H`` block-diagonal
+Setup (App. D): ``L(w) = 1/2 w^T H w`` in 9 dimensions, ``H`` block-diagonal
 with three 3x3 blocks, eigenvalues {1, 2, 3, 99, 100, 101, 4998, 4999, 5000} in both
 problems:
 
@@ -13,8 +13,8 @@ Each block is rotated by its own Haar-random rotation (the eigenvectors of ``A A
 ``A`` 3x3 standard Gaussian). Noise: ``X = H^{1/2}`` is a 9x9 design matrix and each
 step sees ``b`` of its rows, ``g = (9 / b) X_B^T X_B w`` (unbiased for ``H w``).
 
-Optimizers (seed: moving averages 0.95, 10% warm-up then cosine to zero), all from
-`slimoptax.ladder` without weight decay or clipping: SGD with momentum, Signum, Adam
+Optimizers (the paper's: moving averages 0.95, 10% warm-up then cosine to zero), all from
+`experiments._lib.ladder` without weight decay or clipping: SGD with momentum, Signum, Adam
 with ``b1 = b2 = 0.95``, and (Fig. 7) Signum with a *fixed* mollifier
 ``m / sqrt(m^2 + eps)`` (`slimoptax.scale_by_sign(mode="mollified")`). Each is tuned
 over a log-spaced learning-rate grid (and ``eps``) for the lowest median final loss
@@ -26,12 +26,15 @@ EMA_beta[(m_{k-1} - g_k)^2]`` (read from Adam's state with
 `slimoptax.mean_variance_from_adam`), per block, and check it against the recursion
 of Thm 4.1, ``sigma_k^2 = beta sigma_{k-1}^2 + beta (1 - beta) (m_{k-1} - g_k)^2``.
 
-Steps, batch size and the grids are not given by the seed; ours are command-line
+Steps, batch size and the grids are not given by the paper; ours are command-line
 arguments (defaults: 1000 steps, 3 rows per step).
 
 Usage:
-  python experiments/heterogeneous_quadratic.py --quick
-  python experiments/heterogeneous_quadratic.py
+  python -m experiments.heterogeneous_quadratic --quick
+  python -m experiments.heterogeneous_quadratic
+
+The training loop is a `jax.lax.scan` over steps, vmapped over the (eps, learning rate, seed)
+grid: a 9-dimensional quadratic, not a language model, so not `experiments._lib.train`.
 """
 
 from __future__ import annotations
@@ -39,21 +42,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 
 import slimoptax
-from slimoptax import ladder
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from experiments._lib import ladder, report
+from experiments._lib.plots import pyplot, save
+from experiments._lib.schedules import warmup_cosine
+from experiments._lib.stats import quartiles
 
 jax.config.update("jax_enable_x64", True)  # losses fall to ~1e-12: keep float64
 
@@ -70,7 +71,7 @@ BETA = 0.95
 
 
 def haar_rotation(rng: np.random.Generator) -> np.ndarray:
-  """Eigenvectors of ``A A^T`` (A 3x3 Gaussian): a Haar-random orthogonal matrix (seed App. D)."""
+  """Eigenvectors of ``A A^T`` (A 3x3 Gaussian): a Haar-random orthogonal matrix (App. D)."""
   a = rng.standard_normal((3, 3))
   return np.linalg.eigh(a @ a.T)[1]
 
@@ -91,19 +92,6 @@ def make_problem(kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # -----------------------------------------------------------------------------
 # Optimizers
 # -----------------------------------------------------------------------------
-
-
-def warmup_cosine(lr: jax.Array, steps: int) -> Callable[[jax.Array], jax.Array]:
-  """10% linear warm-up to ``lr``, then cosine decay to zero (seed Fig. 6)."""
-  warmup = max(steps // 10, 1)
-
-  def schedule(count):
-    count = jnp.asarray(count, jnp.float64)
-    warm = lr * (count + 1) / warmup
-    progress = jnp.clip((count - warmup) / (steps - warmup), 0.0, 1.0)
-    return jnp.where(count < warmup, warm, lr * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
-
-  return schedule
 
 
 def make_tx(method: str, schedule, eps=None) -> optax.GradientTransformation:
@@ -130,7 +118,8 @@ def run(method: str, x: np.ndarray, h: np.ndarray, lr, eps, seed, *, steps: int,
   key = jax.random.PRNGKey(seed)
   key, sub = jax.random.split(key)
   w0 = jax.random.normal(sub, (9,), jnp.float64)
-  tx = make_tx(method, warmup_cosine(lr, steps), eps)
+  # 10% linear warm-up, then cosine decay to zero (Orvieto & Gower, Fig. 6).
+  tx = make_tx(method, warmup_cosine(lr, steps, max(steps // 10, 1), end_value=0.0, dtype=jnp.float64), eps)
   state = tx.init(w0)
 
   def step(carry, k):
@@ -174,13 +163,8 @@ def run_grid(method, x, h, lrs, eps_grid, seeds, *, steps, batch_size, record=Fa
 # -----------------------------------------------------------------------------
 
 
-def quartiles(a: np.ndarray, axis=0):
-  """25/50/75% percentiles; a diverged seed (inf/NaN) counts as +inf, shown as a gap."""
-  q = np.percentile(np.where(np.isfinite(a), a, np.inf), [25, 50, 75], axis=axis)
-  return np.where(np.isfinite(q), q, np.nan)
-
-
 def plot_main(curves, variance, path):
+  plt = pyplot()
   kinds = list(BLOCKS)
   fig, axes = plt.subplots(3, 2, figsize=(11, 10), sharex=True)
   colors = {"SGD": "C0", "Signum": "C1", "Adam (b1=b2)": "C2", "Signum + fixed eps": "C3"}
@@ -212,12 +196,11 @@ def plot_main(curves, variance, path):
       ax.grid(True, alpha=0.3)
   for ax in axes[-1]:
     ax.set_xlabel("iteration")
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  save(fig, path, dpi=90)
 
 
 def plot_tuning(tuning, path):
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   for j, (kind, per_method) in enumerate(tuning.items()):
     ax = axes[j]
@@ -234,20 +217,17 @@ def plot_tuning(tuning, path):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
   axes[0].set_ylabel("median final loss (missing: diverged)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  save(fig, path, dpi=90)
 
 
 def plot_hessians(problems, path):
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(9, 4))
   for ax, (kind, (h, _)) in zip(axes, problems.items()):
     im = ax.imshow(np.log10(np.abs(h) + 1e-3), cmap="viridis")
     ax.set_title(f"{kind}: log10|H_ij|")
     fig.colorbar(im, ax=ax, shrink=0.8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  save(fig, path, dpi=90)
 
 
 # -----------------------------------------------------------------------------
@@ -261,14 +241,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--out", default="experiments/results/heterogeneous_quadratic")
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--batch-size", type=int, default=3, help="rows of X per step (of 9)")
-  parser.add_argument("--seeds", type=int, default=10)
-  parser.add_argument("--problem-seed", type=int, default=0)
-  parser.add_argument("--num-lrs", type=int, default=25)
+  report.lm_arguments(parser, seeds=10, problem_seed=0, num_lrs=25)
   args = parser.parse_args(argv)
   if args.quick:
     args.steps, args.seeds, args.num_lrs = 200, 3, 6
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = report.output_dir(args.out)
   t0 = time.perf_counter()
 
   grids = {  # log-spaced learning rates (SGD is limited by 2 / 5000 ~ 4e-4)
@@ -354,9 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     lines.append(f"| {r['landscape']} | {r['SGD / Adam']:.3g} | {r['Signum / Adam']:.3g} |")
   lines += ["", "Thm 4.1 / Prop. 1 check (max relative error of v - m^2 against the recursion): " +
             ", ".join(f"{k} {v['thm41_max_rel_err']:.1e}" for k, v in variance.items())]
-  (out / "tables.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
-  print(f"wall time {wall:.0f}s; wrote {out}")
+  report.write_tables(out, lines, wall)
   return summary
 
 

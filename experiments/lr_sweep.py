@@ -16,39 +16,36 @@ Reproduces, at CPU scale, Fig. 10 (bottom) and Fig. 11 of Kalra et al. (2025),
    curves), ``second_moments.csv`` (second-moment entries kept and saved per
    optimizer), ``rules.json`` / ``rules_table.txt`` and ``summary.md``.
 
-Why a hand-written loop instead of ``nanolm.train``: a grid of N learning
-rates would compile N training steps per optimizer. Here the learning rate is
-an argument of the jitted step, so each optimizer compiles once. The step is
-``nanolm.train``'s: the same model, init, batches, global-norm clipping at 1,
+The learning rate is outside the optimizer (``lr_scale`` of
+`experiments._lib.train.train`): a grid of N learning rates would otherwise
+compile N training steps per optimizer; here the rate is an argument of the
+jitted step, so each optimizer compiles once. Otherwise the setting is
+`experiments._lib.train.train_lm`'s: the same model, init, batches, global-norm clipping at 1,
 linear warmup + cosine decay to lr/10 and ``slim_adamw`` (b2 = 0.95, weight
 decay 0.1 on matrices); ``slim_adamw(1.0)`` gives ``-(adam + wd * p)`` and the
 step adds ``lr_t`` times it, which is what ``slim_adamw(schedule)`` does.
 
 Usage::
 
-  python experiments/lr_sweep.py                 # full run (~15 min on 2 shared CPU cores)
-  python experiments/lr_sweep.py --quick         # CI smoke test (< 1 min)
+  python -m experiments.lr_sweep                 # full run (~15 min on 2 shared CPU cores)
+  python -m experiments.lr_sweep --quick         # CI smoke test (< 1 min)
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import functools
-import json
+import dataclasses
 import math
-import os
-import pathlib
-import platform
-import time
 
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
-from slimoptax import analysis, diagnostics, nanolm
-from slimoptax.slim_adam import slim_adamw
+import slimoptax
+from experiments._lib import data, model, report
+from experiments._lib.plots import pyplot, save
+from experiments._lib.schedules import lm_warmup_cosine
+from experiments._lib.train import train
 
 OPTIMIZERS = ("adam", "slimadam", "adalayer", "adalayer+ln+tn", "adam-mini")
 # Also accepted by --optimizers: "slimadam-table3", SlimAdam with the paper's Table 3 rules (the
@@ -58,28 +55,15 @@ COLORS = {"adam": "black", "slimadam": "tab:red", "adalayer": "tab:blue", "adala
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default=None, help="output directory (default experiments/results/lr_sweep, "
-                 "or experiments/results/lr_sweep/quick with --quick)")
-  p.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 learning rates, few steps")
+  p = report.parser(__doc__, "lr_sweep", "tiny model, 2 learning rates, few steps")
   p.add_argument("--lrs", default="1e-3,2e-3,5e-3,1e-2,3e-2", help="comma-separated learning-rate grid")
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                  help="comma-separated, Adam first; also 'slimadam-table3' (the paper's Table 3 rules)")
-  p.add_argument("--n-layers", type=int, default=2)
-  p.add_argument("--d-model", type=int, default=64)
-  p.add_argument("--n-heads", type=int, default=4)
-  p.add_argument("--vocab-size", type=int, default=1024)
-  p.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus cap (bounds tokenizer training)")
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--warmup", type=int, default=30)
-  p.add_argument("--batch-size", type=int, default=16)
+  report.lm_arguments(p, n_layers=2, d_model=64, n_heads=4, vocab_size=1024, max_bytes=4_000_000,
+                      steps=300, warmup=30, batch_size=16)
   p.add_argument("--snr-lr-factor", type=float, default=0.1, help="SNR run at this x Adam's best lr")
-  p.add_argument("--snr-every", type=int, default=10)
-  p.add_argument("--cutoff", type=float, default=1.0)
-  p.add_argument("--eval-every", type=int, default=100)
-  p.add_argument("--eval-batches", type=int, default=16)
-  p.add_argument("--log-every", type=int, default=10)
-  p.add_argument("--seed", type=int, default=0)
+  report.lm_arguments(p, snr_every=10, cutoff=1.0, eval_every=100, eval_batches=16, log_every=10,
+                      seed=0)
   p.add_argument("--noise-seed", type=int, default=1,
                  help="an extra Adam run at lr* with this seed estimates seed-to-seed noise (-1: skip)")
   args = p.parse_args(argv)
@@ -87,9 +71,7 @@ def parse_args(argv=None):
     args.lrs, args.n_layers, args.d_model, args.n_heads = "3e-3,3e-2", 1, 32, 2
     args.vocab_size, args.max_bytes, args.steps, args.warmup = 512, 1_500_000, 12, 3
     args.snr_every, args.eval_every, args.eval_batches, args.log_every = 3, 12, 2, 3
-  if args.out is None:
-    args.out = "experiments/results/lr_sweep" + ("/quick" if args.quick else "")
-  return args
+  return report.default_out(args, "lr_sweep")
 
 
 # -----------------------------------------------------------------------------
@@ -97,71 +79,29 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 
 
-@functools.cache
-def model_loss(model_cfg):
-  """``loss(params, x, y)`` of the model ``model_cfg`` (pure params tree)."""
-  graphdef = nnx.split(nanolm.build_model(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)[0]
-  return lambda params, x, y: nanolm.cross_entropy_loss(nnx.merge(graphdef, params)(x), y)
-
-
-@functools.cache
-def eval_loss(model_cfg):
-  """The jitted loss, shared by all optimizers (compiled once)."""
-  return jax.jit(model_loss(model_cfg))
-
-
 class Trainer:
-  """Trains ``model_cfg`` with one optimizer at any learning rate (compiled once)."""
+  """Trains the model with one optimizer at any learning rate (compiled once)."""
 
-  def __init__(self, model_cfg, compress, *, steps, warmup):
-    self.model_cfg, self.steps = model_cfg, steps
+  def __init__(self, lm, compress, *, steps, warmup):
+    self.lm, self.steps = lm, steps
     self.tx = optax.chain(optax.clip_by_global_norm(1.0),
-                          slim_adamw(1.0, compress=compress, num_heads=model_cfg.n_heads))
-    # nanolm.train's schedule with peak 1: multiply by the peak learning rate.
-    self.schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps, 0.1)
-    loss_fn, tx = model_loss(model_cfg), self.tx
-
-    @jax.jit
-    def step(params, opt_state, x, y, lr):
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return jax.tree.map(lambda p, u: p + lr * u, params, updates), opt_state, loss
-
-    self.step = step
-    self.eval_loss = eval_loss(model_cfg)
-
-  def init(self, seed):
-    params = nnx.as_pure(nnx.state(nanolm.build_model(self.model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-    return params, self.tx.init(params)
+                          slimoptax.slim_adamw(1.0, compress=compress, num_heads=lm.config.n_heads))
+    # The SlimAdam paper's schedule with peak 1: the step multiplies it by the peak learning rate.
+    self.schedule = lm_warmup_cosine(1.0, steps, warmup, 0.1)
 
   def run(self, lr, *, train_tokens, val_batches, batch_size, seed, eval_every, log_every,
           tracker=None):
-    params, opt_state = self.init(seed)
-    batches = nanolm.batch_iterator(train_tokens, batch_size=batch_size,
-                                    seq_len=self.model_cfg.seq_len, seed=seed)
-    evaluate = lambda p: float(np.mean(jax.device_get([self.eval_loss(p, x, y) for x, y in val_batches])))
-    train_curve, val_curve, pending, diverged = [], [(0, evaluate(params))], [], False
-    t0 = time.perf_counter()
-    for step in range(1, self.steps + 1):
-      x, y = next(batches)
-      params, opt_state, loss = self.step(params, opt_state, x, y, lr * float(self.schedule(step - 1)))
-      pending.append(loss)
-      if tracker is not None and tracker.should_measure(step):
-        tracker.record(step, opt_state)
-      if step % log_every == 0 or step == self.steps:
-        mean = float(np.mean(jax.device_get(pending)))
-        pending = []
-        train_curve.append((step, mean))
-        if not math.isfinite(mean):
-          diverged = True
-          break
-      if step % eval_every == 0 or step == self.steps:
-        val_curve.append((step, evaluate(params)))
-    final_val = float("nan") if diverged else val_curve[-1][1]
+    hook_steps = [s for s in range(1, self.steps + 1) if tracker.should_measure(s)] if tracker else None
+    r = train(self.lm, self.tx, lr_scale=lambda step: lr * float(self.schedule(step - 1)),
+              train_tokens=train_tokens, steps=self.steps, batch_size=batch_size, seed=seed,
+              val_batches=val_batches, eval_every=eval_every, log_every=log_every,
+              stop_on_divergence=True, state_hook=tracker.record if tracker else None,
+              state_hook_steps=hook_steps)
+    final_val = r["final_val_loss"]
     return {"lr": lr, "seed": seed, "final_val_loss": final_val,
-            "final_train_loss": train_curve[-1][1], "diverged": diverged or not math.isfinite(final_val),
-            "wall_s": time.perf_counter() - t0, "train_curve": train_curve, "val_curve": val_curve,
-            "opt_state": opt_state, "params": params}
+            "final_train_loss": r["final_train_loss"], "diverged": r["diverged"] or not math.isfinite(final_val),
+            "wall_s": r["wall_s"], "train_curve": r["train_curve"], "val_curve": r["val_curve"],
+            "opt_state": r["opt_state"], "params": r["params"]}
 
 
 # -----------------------------------------------------------------------------
@@ -169,15 +109,8 @@ class Trainer:
 # -----------------------------------------------------------------------------
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def plot_sweep(runs, lrs, path, *, adam_best_lr, snr_lr, saved):
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   finite = [r["final_val_loss"] for per in runs.values() for r in per.values() if not r["diverged"]]
   top = max(finite) + 0.05 * (max(finite) - min(finite) + 1e-3) if finite else 1.0
@@ -196,13 +129,11 @@ def plot_sweep(runs, lrs, path, *, adam_best_lr, snr_lr, saved):
   ax.set_ylabel("final validation loss")
   ax.set_title("Final validation loss vs learning rate (x: diverged)", fontsize=10)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path, dpi=110)
 
 
 def plot_curves(runs, lrs_to_show, path):
-  plt = _plt()
+  plt = pyplot()
   fig, axs = plt.subplots(1, len(lrs_to_show), figsize=(4.6 * len(lrs_to_show), 3.8), squeeze=False)
   for ax, (title, lr) in zip(axs[0], lrs_to_show):
     for name, per in runs.items():
@@ -213,9 +144,7 @@ def plot_curves(runs, lrs_to_show, path):
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (mean between log points)")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path, dpi=110)
 
 
 def summary_md(res) -> str:
@@ -256,7 +185,7 @@ def summary_md(res) -> str:
     lines += ["", f"Seed noise: Adam at lr {nz['lr']:g}, seed {nz['seed']} vs seed {res['config']['seed']}: "
               f"final validation loss {nz['final_val_loss']:.4f} vs {nz['reference']:.4f} "
               f"(|diff| {abs(nz['final_val_loss'] - nz['reference']):.4f})."]
-  lines += ["", f"Wall time {res['wall_time_s'] / 60:.1f} min; machine: {res['machine']}."]
+  lines += ["", report.wall_line(res)]
   return "\n".join(lines) + "\n"
 
 
@@ -267,18 +196,15 @@ def summary_md(res) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  t_start = time.perf_counter()
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  lrs = [float(x) for x in args.lrs.split(",")]
+  out, t_start = report.start(args.out)
+  lrs = report.floats(args.lrs)
   names = [n for n in args.optimizers.split(",") if n]
   assert names[0] == "adam", "the sweep starts with Adam (its best lr sets the SNR learning rate)"
-  say = lambda *a: print(*a, flush=True)  # noqa: E731
+  say = report.say
 
-  tokenizer, train_tokens, val_tokens = nanolm.prepare_data(vocab_size=args.vocab_size, max_bytes=args.max_bytes)
-  model_cfg = nanolm.gpt_config("tiny", n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
-                                vocab_size=tokenizer.vocab_size)
-  val_batches = nanolm.eval_batches(val_tokens, batch_size=args.batch_size, seq_len=model_cfg.seq_len,
+  tokenizer, train_tokens, val_tokens = data.prepare_data(vocab_size=args.vocab_size, max_bytes=args.max_bytes)
+  model_cfg, lm = model.tiny_gpt(args, tokenizer.vocab_size)
+  val_batches = data.eval_batches(val_tokens, batch_size=args.batch_size, seq_len=model_cfg.seq_len,
                                     max_batches=args.eval_batches)
   say(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens (BPE {tokenizer.vocab_size}); "
       f"model {model_cfg}")
@@ -288,7 +214,7 @@ def main(argv=None):
 
   def trainer(name, compress):
     if name not in trainers:
-      trainers[name] = Trainer(model_cfg, compress, steps=args.steps, warmup=args.warmup)
+      trainers[name] = Trainer(lm, compress, steps=args.steps, warmup=args.warmup)
     return trainers[name]
 
   def public(r):
@@ -305,10 +231,10 @@ def main(argv=None):
 
   # 2. SNR at a 10x smaller learning rate -> SlimAdam rules.
   snr_lr = args.snr_lr_factor * adam_best_lr
-  template = nnx.as_pure(nnx.state(nanolm.build_model(model_cfg, rngs=nnx.Rngs(args.seed)), nnx.Param))
-  tracker = analysis.SNRTracker(template, every=args.snr_every, steps=(1,))
+  template = lm.init(args.seed)
+  tracker = slimoptax.SNRTracker(template, every=args.snr_every, steps=(1,))
   snr_run = trainer("adam", None).run(snr_lr, seed=args.seed, tracker=tracker, **run_kw)
-  rules = analysis.derive_rules(tracker.time_average(), args.cutoff, shapes=tracker.shapes)
+  rules = slimoptax.derive_rules(tracker.time_average(), args.cutoff, shapes=tracker.shapes)
   rules.to_json(str(out / "rules.json"))
   (out / "rules_table.txt").write_text(
       f"SlimAdam rules derived from Adam at lr {snr_lr:g} ({args.snr_lr_factor:g} x Adam's best lr "
@@ -332,8 +258,8 @@ def main(argv=None):
   # 4. Second moments kept per optimizer (from the optimizer state's shapes).
   second_moments = {}
   for name in names:
-    report = diagnostics.memory_report(jax.eval_shape(trainers[name].tx.init, template), template)
-    second_moments[name] = {"kept": report.entries, "adam": report.adam_entries, "saved": report.fraction_saved}
+    mem = slimoptax.memory_report(jax.eval_shape(trainers[name].tx.init, template), template)
+    second_moments[name] = {"kept": mem.entries, "adam": mem.adam_entries, "saved": mem.fraction_saved}
   with open(out / "second_moments.csv", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["optimizer", "second_moment_entries", "adam_entries", "fraction_saved"])
@@ -349,20 +275,15 @@ def main(argv=None):
   plot_curves(runs, shown, out / "train_curves.png")
 
   res = {
-      "experiment": "lr_sweep", "config": vars(args), "model": nanolm.dataclasses.asdict(model_cfg),
+      "experiment": "lr_sweep", "config": vars(args), "model": dataclasses.asdict(model_cfg),
       "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(template))),
       "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
       "lrs": lrs, "adam_best_lr": adam_best_lr, "snr_lr": snr_lr,
       "snr_run": public(snr_run), "rules": rules.as_mapping(), "second_moments": second_moments,
       "runs": {n: {str(lr): r for lr, r in per.items()} for n, per in runs.items()}, "noise": noise,
-      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} {jax.default_backend()}",
-      "wall_time_s": time.perf_counter() - t_start,
+      "machine": report.machine(),
   }
-  (out / "summary.md").write_text(summary_md(res))
-  with open(out / "results.json", "w") as f:
-    json.dump(res, f, indent=1)
-  say(summary_md(res))
-  return res
+  return report.finish(out, res, summary_md, t_start)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,39 @@
 """The optimizer ladder between SGD and Adam (Orvieto & Gower, Table 1), at CPU scale.
 
-Seed 001, Table 1 (160M-parameter LM, 3.2B SlimPajama tokens, batch 256 x 2048):
+Orvieto & Gower 2025 ("In Search of Adam's Secret Sauce"), Table 1 (160M-parameter LM, 3.2B
+SlimPajama tokens, batch 256 x 2048):
 
     Adam 21.86 < Signum 23.23 < RMSprop 27.04 < SGD+Cclip 33.40 < SignSGD 36.78
          < SGD+Gclip 37.76 < SGD 53.62           (validation perplexity)
 
-Here every method of that table is trained on the small GPT of `slimoptax.nanolm`
+Here every method of that table is trained on the small GPT of `experiments._lib.model`
 (Python stdlib source, local BPE) and tuned over a small learning-rate grid; the
 best validation perplexity of each is reported next to the published one, and we
 check whether the *ordering* holds. Absolute perplexities cannot match: the data
 (Python source, vocabulary 512), the model (~0.14M parameters), the token budget
 and the tuning grids all differ.
 
-Recipe (seed App. A, scaled down): linear warm-up over 10% of the steps, cosine
+Recipe (App. A, scaled down): linear warm-up over 10% of the steps, cosine
 annealing to 1e-5, decoupled weight decay 0.1 (none for the SGD variants), global
-norm clipping to 1 where the seed used it; every constructor comes from
-`slimoptax.ladder` with its defaults (momentum with dampening ``1 - beta``).
-The seed's "SignSGD" column comes from its "momentum on SignSGD" runs (App. A.1.1,
+norm clipping to 1 where the paper used it; every constructor comes from
+`experiments._lib.ladder` with its defaults (momentum with dampening ``1 - beta``).
+The paper's "SignSGD" column comes from its "momentum on SignSGD" runs (App. A.1.1,
 B.1, Fig. 11), i.e. `ladder.emasign`; plain SignSGD is ``beta = 0`` of it.
 
 All learning rates of one method are trained *together*: K copies of the same
 model (same initialisation, same batches), one per grid point, advanced by one
 ``jax.vmap``-ed, jitted step. The arithmetic per model is that of K separate
 runs; only the compilation is shared (compiling dominates short runs on 2 CPU
-cores). `train_sweep` is reused by ``equal_betas.py``.
+cores). The sweep is `experiments._lib.ladder.train_sweep` (also used by ``equal_betas``).
 
 If a method's best rate is at the edge of its grid, the grid is extended by a factor 2
-beyond it (``--max-extend`` times at most), as the seed checked its optima were inside
+beyond it (``--max-extend`` times at most), as the paper checked its optima were inside
 its grids. ``--resume`` reuses the sweeps already in ``OUT/results.json``.
 
 Usage:
-  python experiments/optimizer_ladder.py --quick          # CI smoke test
-  python experiments/optimizer_ladder.py                  # full run (~20 min on 2 shared CPU cores)
-  python experiments/optimizer_ladder.py --long-steps 600 --long-methods Adam Signum SGD
+  python -m experiments.optimizer_ladder --quick          # CI smoke test
+  python -m experiments.optimizer_ladder                  # full run (~20 min on 2 shared CPU cores)
+  python -m experiments.optimizer_ladder --long-steps 600 --long-methods Adam Signum SGD
       # then: 3 methods, 3x longer, at the tuned rates, 2 initialisations each
 """
 
@@ -42,40 +43,32 @@ import argparse
 import csv
 import json
 import math
-import os
 import pathlib
-import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
-import matplotlib
 import numpy as np
-import optax
-from flax import nnx
 
-from slimoptax import ladder, nanolm
+from experiments._lib import data, ladder, model, report
+from experiments._lib.plots import pyplot, save
+from experiments._lib.stats import kendall_tau, ppl
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-# Seed 001, Table 1: mean validation perplexity over 3 seeds, in the table's order.
+# Orvieto & Gower, Table 1: mean validation perplexity over 3 seeds, in the table's order.
 PAPER_PPL = {
     "Adam": 21.86, "Signum": 23.23, "RMSprop": 27.04, "SGD+Cclip": 33.40,
     "SignSGD": 36.78, "SGD+Gclip": 37.76, "SGD": 53.62,
 }
 
-# Table column -> (slimoptax.ladder constructor, fixed keyword arguments, learning-rate grid).
-# Momentum is fixed at 0.95, the seed's best for Signum and for Adam (b1 = b2 = 0.95, App. A.1.1
-# "best setup from Figure 2"); the seed also tuned it, we cannot afford that grid here.
-# The grids are factor-2 ladders (as the seed's), 3 points centred on the best rate of a 100-step
+# Table column -> (experiments._lib.ladder constructor, fixed keyword arguments, learning-rate grid).
+# Momentum is fixed at 0.95, the paper's best for Signum and for Adam (b1 = b2 = 0.95, App. A.1.1
+# "best setup from Figure 2"); the paper also tuned it, we cannot afford that grid here.
+# The grids are factor-2 ladders (as the paper's), 3 points centred on the best rate of a 100-step
 # pilot over factor-4 grids (see RESULTS_SECTION.md).
 #
 # SGD+Cclip: with `ladder.sgd_cclip`'s defaults (Gclip to 1, then clip(EMA, +-1)) the coordinate
 # clip never acts: after global clipping every coordinate is <= 1 in magnitude, and so is an EMA
-# with dampening 1 - beta, so it is exactly SGD+Gclip. The seed saw a 5-point gain from Cclip, so
-# its clip did act. Reading the seed's momentum as undampened (PyTorch's default) would put the
+# with dampening 1 - beta, so it is exactly SGD+Gclip. The paper saw a 5-point gain from Cclip, so
+# its clip did act. Reading the paper's momentum as undampened (PyTorch's default) would put the
 # threshold at 1 - beta = 0.05 on our EMA, but in this small model no coordinate of the clipped
 # gradient's EMA ever reaches 0.05 either (the 100-step pilot gave bit-identical losses for
 # SGD+Cclip at 0.05 and SGD+Gclip; the largest gradient coordinate at initialisation is ~0.03,
@@ -90,174 +83,6 @@ METHODS: dict[str, tuple[str, dict, list[float]]] = {
     "SGD+Gclip": ("sgd_gclip", dict(beta=0.95), [0.5, 1.0, 2.0]),
     "SGD": ("sgd", dict(beta=0.95), [1.0, 2.0, 4.0]),
 }
-
-
-# -----------------------------------------------------------------------------
-# Data and schedule
-# -----------------------------------------------------------------------------
-
-
-def load_data(vocab_size: int, max_bytes: int | None):
-  """Python stdlib source, BPE-tokenised (cached by `nanolm.prepare_data`)."""
-  tokenizer, train_tokens, val_tokens = nanolm.prepare_data(vocab_size=vocab_size,
-                                                            max_bytes=max_bytes)
-  return tokenizer, train_tokens, val_tokens
-
-
-def seed_schedule(lr: jax.Array, steps: int, warmup: int,
-                  end_value: float = 1e-5) -> Callable[[jax.Array], jax.Array]:
-  """Seed App. A: linear warm-up to ``lr`` over ``warmup`` steps, then cosine to ``end_value``.
-
-  ``lr`` may be a traced scalar (one per vmapped model). Step ``count`` (0-based)
-  uses ``lr (count + 1) / warmup`` during warm-up, so no step is wasted at rate 0.
-  """
-  end = jnp.minimum(jnp.asarray(end_value, jnp.float32), lr)
-
-  def schedule(count):
-    count = jnp.asarray(count, jnp.float32)
-    warm = lr * (count + 1) / max(warmup, 1)
-    progress = jnp.clip((count - warmup) / max(steps - warmup, 1), 0.0, 1.0)
-    cosine = end + (lr - end) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
-    return jnp.where(count < warmup, warm, cosine)
-
-  return schedule
-
-
-# -----------------------------------------------------------------------------
-# K models, one vmapped step
-# -----------------------------------------------------------------------------
-
-
-def train_sweep(
-    model_cfg: nanolm.GPTConfig,
-    make_tx: Callable[..., optax.GradientTransformation],
-    hparams: dict[str, Sequence[float]],
-    *,
-    train_tokens: np.ndarray,
-    val_tokens: np.ndarray,
-    steps: int,
-    batch_size: int,
-    warmup: int,
-    seed: int = 0,
-    init_seeds: Sequence[int] | None = None,
-    eval_every: int = 50,
-    eval_batches: int = 8,
-    final_eval_batches: int | None = None,
-    name: str = "",
-    log: Callable[[str], None] = print,
-) -> dict:
-  """Trains K models in lock-step, model ``i`` with ``make_tx(schedule_i, **hparams_i)``.
-
-  Args:
-    model_cfg: the GPT to train.
-    make_tx: ``make_tx(schedule, **hp) -> GradientTransformation``; ``hp`` holds the
-      per-model hyperparameters of ``hparams`` except ``lr`` (traced scalars).
-    hparams: ``{"lr": [...], other: [...]}``, K values each; ``lr`` is the peak of
-      `seed_schedule`.
-    train_tokens, val_tokens: token streams.
-    steps, batch_size, warmup: training length, sequences per batch, warm-up steps.
-    seed: batch order (and the initialisation unless ``init_seeds``).
-    init_seeds: optional per-model initialisation seeds (K values).
-    eval_every, eval_batches: intermediate validation loss on the first
-      ``eval_batches`` contiguous validation batches.
-    final_eval_batches: validation batches for the final loss (None: all).
-    name: label for the log lines.
-    log: printer.
-
-  Returns:
-    A dict with ``final_val_loss`` (K floats, NaN for a diverged model),
-    ``val_curve`` (``[(step, [K losses])]``), ``train_curve`` (mean train loss per
-    ``eval_every`` window, ``[(step, [K])]``), ``seconds_per_step`` (K models
-    together, compile excluded), ``compile_s`` and ``wall_s``.
-  """
-  t_start = time.perf_counter()
-  hp = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
-  num_models = len(hp["lr"])
-  init_seeds = [seed] * num_models if init_seeds is None else list(init_seeds)
-  assert len(init_seeds) == num_models
-
-  def init_params(s):
-    _, params, _ = nnx.split(nanolm.build_model(model_cfg, rngs=nnx.Rngs(s)), nnx.Param, ...)
-    return nnx.as_pure(params)
-
-  graphdef, _, rest = nnx.split(nanolm.build_model(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-  per_seed = {s: init_params(s) for s in sorted(set(init_seeds))}
-  params = jax.tree.map(lambda *xs: jnp.stack(xs), *[per_seed[s] for s in init_seeds])
-
-  def loss_fn(p, x, y):
-    return nanolm.cross_entropy_loss(nnx.merge(graphdef, p, rest)(x), y)
-
-  def tx_for(h):
-    extra = {k: v for k, v in h.items() if k != "lr"}
-    return make_tx(seed_schedule(h["lr"], steps, warmup), **extra)
-
-  opt_state = jax.vmap(lambda p, h: tx_for(h).init(p))(params, hp)
-
-  @jax.jit
-  def train_step(params, opt_state, x, y):
-    def one(p, s, h):
-      loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-      updates, s = tx_for(h).update(grads, s, p)
-      return optax.apply_updates(p, updates), s, loss
-    return jax.vmap(one)(params, opt_state, hp)
-
-  eval_step = _eval_fn(graphdef, rest)
-
-  def evaluate(batches):
-    return np.mean(np.stack([np.asarray(eval_step(params, x, y)) for x, y in batches]), axis=0)
-
-  short_val = nanolm.eval_batches(val_tokens, batch_size=batch_size,
-                                  seq_len=model_cfg.seq_len, max_batches=eval_batches)
-  full_val = nanolm.eval_batches(val_tokens, batch_size=batch_size,
-                                 seq_len=model_cfg.seq_len, max_batches=final_eval_batches)
-  batches = nanolm.batch_iterator(train_tokens, batch_size=batch_size,
-                                  seq_len=model_cfg.seq_len, seed=seed)
-  val_curve = [(0, evaluate(short_val).tolist())]
-  train_curve, window = [], []
-  compile_s, t_loop, eval_s = 0.0, None, 0.0
-  for step in range(1, steps + 1):
-    x, y = next(batches)
-    params, opt_state, loss = train_step(params, opt_state, x, y)
-    window.append(loss)
-    if step == 1:
-      jax.block_until_ready(loss)
-      compile_s = time.perf_counter() - t_start
-      t_loop = time.perf_counter()
-    if step % eval_every == 0 or step == steps:
-      t0 = time.perf_counter()
-      train_curve.append((step, np.mean(np.stack(jax.device_get(window)), axis=0).tolist()))
-      window = []
-      val = evaluate(full_val if step == steps else short_val)
-      val_curve.append((step, val.tolist()))
-      eval_s += time.perf_counter() - t0
-      best = np.nanmin(np.where(np.isfinite(val), val, np.nan)) if np.isfinite(val).any() else float("nan")
-      log(f"  [{name}] step {step:4d}/{steps}  val loss per model "
-          f"{' '.join(f'{v:.3f}' for v in val)}  (best {best:.3f}, "
-          f"{time.perf_counter() - t_start:.0f}s)")
-  t_end = time.perf_counter()
-  final = [float(v) if math.isfinite(v) else float("nan") for v in val_curve[-1][1]]
-  return {
-      "final_val_loss": final,
-      "val_curve": val_curve,
-      "train_curve": train_curve,
-      "seconds_per_step": (t_end - t_loop - eval_s) / max(steps - 1, 1),
-      "compile_s": compile_s,
-      "wall_s": t_end - t_start,
-      "num_models": num_models,
-  }
-
-
-_EVAL_FNS: dict = {}
-
-
-def _eval_fn(graphdef, rest):
-  """``(K params, x, y) -> K losses``, jitted once per model structure (shared by sweeps)."""
-  key = (graphdef, jax.tree.structure(rest))
-  if key not in _EVAL_FNS:
-    def loss_fn(p, x, y):
-      return nanolm.cross_entropy_loss(nnx.merge(graphdef, p, rest)(x), y)
-    _EVAL_FNS[key] = jax.jit(jax.vmap(loss_fn, in_axes=(0, None, None)))
-  return _EVAL_FNS[key]
 
 
 def _best_index(losses: Sequence[float]) -> int:
@@ -276,36 +101,13 @@ def _merge(a: dict, b: dict) -> dict:
           "compile_s": a["compile_s"] + b["compile_s"], "wall_s": a["wall_s"] + b["wall_s"]}
 
 
-def ladder_tx(method: str, fixed: dict) -> Callable[..., optax.GradientTransformation]:
-  """``make_tx`` for `train_sweep` from a `slimoptax.LADDER` name and fixed kwargs."""
-  constructor = ladder.LADDER[method]
-  return lambda schedule, **hp: constructor(schedule, **{**fixed, **hp})
-
-
-def machine() -> str:
-  return (f"{platform.machine()}, {os.cpu_count()} CPUs (shared), jax {jax.__version__} "
-          f"backend {jax.default_backend()}")
-
-
 # -----------------------------------------------------------------------------
 # Report
 # -----------------------------------------------------------------------------
 
 
-def ppl(loss: float) -> float:
-  return math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf")
-
-
-def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
-  """Kendall's tau between two score lists (no ties expected)."""
-  n, s = len(a), 0
-  for i in range(n):
-    for j in range(i + 1, n):
-      s += np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])
-  return float(s / (n * (n - 1) / 2))
-
-
 def plot_sweeps(results: dict, path: pathlib.Path) -> None:
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for col, r in results.items():
     lrs = np.asarray(r["lrs"])
@@ -318,9 +120,7 @@ def plot_sweeps(results: dict, path: pathlib.Path) -> None:
   ax.set_title("Learning-rate sweeps (missing points: diverged)")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 def plot_best(results: dict, path: pathlib.Path) -> None:
@@ -328,13 +128,14 @@ def plot_best(results: dict, path: pathlib.Path) -> None:
   cols = list(results)
   ours = np.asarray([results[c]["best_ppl"] for c in cols])
   paper = np.asarray([PAPER_PPL[c] for c in cols])
+  plt = pyplot()
   ref_ours = results["Adam"]["best_ppl"] if "Adam" in results else ours.min()
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   x = np.arange(len(cols))
   for ax, (a, b, ylabel) in zip(axes[:2], [(paper, ours, "best validation perplexity"),
                                            (paper / PAPER_PPL["Adam"], ours / ref_ours,
                                             "best perplexity / Adam's")]):
-    ax.bar(x - 0.2, a, 0.4, label="seed Table 1 (160M, SlimPajama)")
+    ax.bar(x - 0.2, a, 0.4, label="Orvieto & Gower Table 1 (160M, SlimPajama)")
     ax.bar(x + 0.2, b, 0.4, label="this run (0.14M, stdlib source)")
     ax.set_xticks(x, cols, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
@@ -354,15 +155,13 @@ def plot_best(results: dict, path: pathlib.Path) -> None:
   axes[2].grid(True, alpha=0.3)
   lo = min(r["best_val_loss"] for r in results.values()) - 0.1
   axes[2].set_ylim(lo, lo + 2.0)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 def write_tables(results: dict, meta: dict, path: pathlib.Path) -> str:
   cols = list(results)
-  lines = ["| method (seed column) | slimoptax.ladder | fixed | lr grid | best lr | best val loss | "
-           "best val ppl | seed ppl (Table 1) | rank here | rank in seed |",
+  lines = ["| method (paper column) | ladder | fixed | lr grid | best lr | best val loss | "
+           "best val ppl | paper ppl (Table 1) | rank here | rank in paper |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   ours_rank = {c: i + 1 for i, c in enumerate(sorted(cols, key=lambda c: results[c]["best_val_loss"]))}
   seed_rank = {c: i + 1 for i, c in enumerate(sorted(cols, key=lambda c: PAPER_PPL[c]))}
@@ -381,7 +180,7 @@ def write_tables(results: dict, meta: dict, path: pathlib.Path) -> str:
     lines.append(f"| {c} | " + " | ".join(
         f"{lr:g}: {ppl(v):.2f}" for lr, v in zip(r["lrs"], r["final_val_loss"])) + " |")
   lines += ["", f"Ordering here: {' < '.join(meta['order_ours'])}",
-            f"Ordering in seed: {' < '.join(meta['order_seed'])}",
+            f"Ordering in the paper: {' < '.join(meta['order_seed'])}",
             f"Kendall tau = {meta['kendall_tau']:.3f}; exact ordering holds: {meta['ordering_holds']}; "
             f"pairs flipped: {meta['flipped_pairs'] or 'none'}"]
   text = "\n".join(lines) + "\n"
@@ -394,7 +193,7 @@ def write_tables(results: dict, meta: dict, path: pathlib.Path) -> str:
 # -----------------------------------------------------------------------------
 
 
-def run_long(args, out: pathlib.Path, cfg, train_tokens, val_tokens, say) -> dict:
+def run_long(args, out: pathlib.Path, lm, train_tokens, val_tokens, say) -> dict:
   """Retrains ``--long-methods`` at their tuned rate (from OUT/results.json) for ``--long-steps``.
 
   Each method is trained from every initialisation in ``--long-seeds`` (same batches). The
@@ -407,7 +206,7 @@ def run_long(args, out: pathlib.Path, cfg, train_tokens, val_tokens, say) -> dic
     method, fixed, _ = METHODS[col]
     lr = tuned[col]["best_lr"]
     say(f"[long] {col} at its tuned rate {lr:g} for {args.long_steps} steps, init seeds {seeds}")
-    run = train_sweep(cfg, ladder_tx(method, fixed), {"lr": [lr] * len(seeds)}, init_seeds=seeds,
+    run = ladder.train_sweep(lm, method, fixed, {"lr": [lr] * len(seeds)}, init_seeds=seeds,
                       train_tokens=train_tokens, val_tokens=val_tokens, steps=args.long_steps,
                       batch_size=args.batch_size, warmup=max(1, args.long_steps // 10),
                       seed=args.seed, eval_every=args.eval_every * 2, eval_batches=args.eval_batches,
@@ -424,6 +223,7 @@ def run_long(args, out: pathlib.Path, cfg, train_tokens, val_tokens, say) -> dic
              "runs": runs, "order": order, "order_seed": sorted(runs, key=lambda c: PAPER_PPL[c]),
              "wall_s": sum(r["wall_s"] for r in runs.values())}
   (out / "long_runs.json").write_text(json.dumps(summary, indent=1))
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 4.4))
   for k, (col, r) in enumerate(runs.items()):
     st = [p[0] for p in r["val_curve"]]
@@ -440,18 +240,16 @@ def run_long(args, out: pathlib.Path, cfg, train_tokens, val_tokens, say) -> dic
                f"(one line per init seed {seeds})", fontsize=10)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out / "long_runs.png", dpi=100)
-  plt.close(fig)
+  save(fig, out / "long_runs.png", dpi=100)
   lines = [f"| method | lr (tuned at {args.steps} steps) | ppl at {args.steps} steps (seed {args.seed}) | "
-           f"val loss at {args.long_steps} steps, per init seed {seeds} | mean | std | ppl of mean | seed ppl |",
+           f"val loss at {args.long_steps} steps, per init seed {seeds} | mean | std | ppl of mean | paper ppl |",
            "|---|---|---|---|---|---|---|---|"]
   for col in order:
     r = runs[col]
     lines.append(f"| {col} | {r['lr']:g} | {r['short_ppl']:.2f} | "
                  f"{', '.join(f'{v:.4f}' for v in r['final_val_loss'])} | {r['mean_val_loss']:.4f} | "
                  f"{r['std_val_loss']:.4f} | {r['mean_ppl']:.2f} | {PAPER_PPL[col]:.2f} |")
-  lines += ["", f"Ordering at {args.long_steps} steps (mean over seeds): {' < '.join(order)}; seed: "
+  lines += ["", f"Ordering at {args.long_steps} steps (mean over seeds): {' < '.join(order)}; paper: "
             f"{' < '.join(summary['order_seed'])}"]
   (out / "long_tables.md").write_text("\n".join(lines) + "\n")
   say("\n".join(lines))
@@ -468,11 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="CI smoke test: 1-layer d32 model, 1.5 MB of data, 2 lrs, 6 steps")
   parser.add_argument("--out", default="experiments/results/optimizer_ladder")
-  parser.add_argument("--steps", type=int, default=200)
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--n-layers", type=int, default=2)
-  parser.add_argument("--d-model", type=int, default=64)
-  parser.add_argument("--vocab-size", type=int, default=512)
+  report.lm_arguments(parser, steps=200, batch_size=16, n_layers=2, d_model=64, vocab_size=512)
   parser.add_argument("--max-bytes", type=int, default=None, help="corpus cap (default: whole stdlib)")
   parser.add_argument("--eval-every", type=int, default=50)
   parser.add_argument("--eval-batches", type=int, default=4, help="validation batches, intermediate evals")
@@ -500,21 +294,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.steps, args.max_bytes, args.eval_every, args.max_extend = 6, 1_500_000, 3, 0
     args.eval_batches, args.final_eval_batches = 2, 2
     args.n_layers, args.d_model = 1, 32  # compilation dominates the smoke test
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = report.output_dir(args.out)
   t0 = time.perf_counter()
-  say = lambda s: print(s, flush=True)  # noqa: E731
+  say = report.say
 
-  tokenizer, train_tokens, val_tokens = load_data(args.vocab_size, args.max_bytes)
-  cfg = nanolm.gpt_config("tiny", n_layers=args.n_layers, d_model=args.d_model,
-                          vocab_size=tokenizer.vocab_size)
-  num_params = nanolm.count_params(nanolm.build_model(cfg, rngs=nnx.Rngs(0)))
+  tokenizer, train_tokens, val_tokens = data.prepare_data(vocab_size=args.vocab_size,
+                                                          max_bytes=args.max_bytes)
+  model_cfg = model.gpt_config("tiny", n_layers=args.n_layers, d_model=args.d_model,
+                               vocab_size=tokenizer.vocab_size)
+  lm = model.Functional(model_cfg)  # one model structure: the evaluation compiles once
+  num_params = model.count_params(lm.init(0))
   warmup = max(1, args.steps // 10)
   say(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens (BPE {tokenizer.vocab_size}); "
-      f"model {num_params:,} params; {args.steps} steps x {args.batch_size} x {cfg.seq_len} tokens "
-      f"= {args.steps * args.batch_size * cfg.seq_len:,} tokens")
+      f"model {num_params:,} params; {args.steps} steps x {args.batch_size} x {lm.seq_len} tokens "
+      f"= {args.steps * args.batch_size * lm.seq_len:,} tokens")
   if args.long_steps:
-    summary = run_long(args, out, cfg, train_tokens, val_tokens, say)
+    summary = run_long(args, out, lm, train_tokens, val_tokens, say)
     say(f"wall time {time.perf_counter() - t0:.0f}s; wrote {out}")
     return summary
 
@@ -530,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   def sweep(col, lrs):
     method, fixed, _ = METHODS[col]
     say(f"{col} (ladder.{method}, {fixed}): lrs {lrs}")
-    run = train_sweep(cfg, ladder_tx(method, fixed), {"lr": lrs}, train_tokens=train_tokens,
+    run = ladder.train_sweep(lm, method, fixed, {"lr": lrs}, train_tokens=train_tokens,
                       val_tokens=val_tokens, steps=args.steps, batch_size=args.batch_size,
                       warmup=warmup, seed=args.seed, eval_every=args.eval_every,
                       eval_batches=args.eval_batches, final_eval_batches=args.final_eval_batches,
@@ -551,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
       run = sweep(col, lrs)
     # An optimum at the edge of the grid is not tuned: extend by factor 2 beyond it (at most
-    # --max-extend times per method), as the seed made sure its optima were inside its grids.
+    # --max-extend times per method), as the paper made sure its optima were inside its grids.
     for _ in range(args.max_extend):
       i = _best_index(run["final_val_loss"])
       if i not in (0, len(run["lrs"]) - 1) or (not math.isfinite(run["final_val_loss"][i])):
@@ -591,10 +386,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   }
   wall = time.perf_counter() - t0
   summary = {
-      "experiment": "optimizer_ladder", "args": vars(args), "machine": machine(),
-      "model": {**cfg.__dict__, "num_params": num_params},
+      "experiment": "optimizer_ladder", "args": vars(args), "machine": report.machine(),
+      "model": {**model_cfg.__dict__, "num_params": num_params},
       "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
-      "tokens_seen": args.steps * args.batch_size * cfg.seq_len, "warmup": warmup,
+      "tokens_seen": args.steps * args.batch_size * lm.seq_len, "warmup": warmup,
       "paper_ppl": PAPER_PPL, "results": results, **meta, "wall_time_s": wall,
       "method_wall_s_total": sum(r["wall_s"] for r in results.values()),
   }

@@ -10,7 +10,7 @@ over time (eq. 4) and over depth (App. H), and reports which axis each layer
 type prefers and the rule it would get (best K if its SNR exceeds the cutoff,
 else none), next to Table 3 of the paper.
 
-Axis conventions (Flax layouts, as in `slimoptax.labels.axis_roles`):
+Axis conventions (Flax layouts, as in `slimoptax.axis_roles`):
 Dense kernels are (fan_in, fan_out); attention query/key/value kernels are
 (d, H, hd) with fan_in = (0,), fan_out = (1, 2) (heads stacked in fan_out);
 the attention output kernel is (H, hd, d) with fan_in = (0, 1) (heads stacked
@@ -26,27 +26,21 @@ summary.md (the tables).
 
 Usage::
 
-  python experiments/snr_trends.py            # full run (~6 min on 2 shared CPU cores)
-  python experiments/snr_trends.py --quick    # CI smoke test (< 1 min)
+  python -m experiments.snr_trends            # full run (~6 min on 2 shared CPU cores)
+  python -m experiments.snr_trends --quick    # CI smoke test (< 1 min)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import math
-import os
-import pathlib
-import platform
-import time
 
-import jax
-from flax import nnx
+import slimoptax
+from experiments._lib import data, model, report
+from experiments._lib.plots import log_y, pyplot, save
+from experiments._lib.train import train_lm
 
-from slimoptax import analysis, labels, nanolm
-from slimoptax.slim_adam import slim_adamw
-
-# Display names and Table 3 of the paper, per depth group (see analysis.depth_group).
+# Display names and Table 3 of the paper, per depth group (see slimoptax.depth_group).
 GROUPS = {
     "blocks/*/attn/query/kernel": ("Attn.Query", "fan_in"),
     "blocks/*/attn/key/kernel": ("Attn.Key", "fan_in"),
@@ -60,44 +54,27 @@ GROUPS = {
     "wte/embedding": ("Tok.Embd = LM head (tied)", "fan_out"),
     "wpe/embedding": ("Pos.Embd", None),
 }
-ROLE_NAMES = ("fan_in", "fan_out", "both")  # the order of analysis.candidate_axes
 ROLE_COLORS = {"fan_in": "tab:blue", "fan_out": "tab:orange", "both": "tab:green", "all": "tab:purple"}
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default=None, help="output directory (default experiments/results/snr_trends, "
-                 "or experiments/results/snr_trends/quick with --quick)")
-  p.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, few steps")
-  p.add_argument("--n-layers", type=int, default=4)
-  p.add_argument("--d-model", type=int, default=96)
-  p.add_argument("--n-heads", type=int, default=4)
-  p.add_argument("--vocab-size", type=int, default=1024)
-  p.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus cap (bounds tokenizer training)")
-  p.add_argument("--steps", type=int, default=1000)
-  p.add_argument("--warmup", type=int, default=100)
-  p.add_argument("--batch-size", type=int, default=16)
+  p = report.parser(__doc__, "snr_trends", "tiny model, few steps")
+  report.lm_arguments(p, n_layers=4, d_model=96, n_heads=4, vocab_size=1024, max_bytes=4_000_000,
+                      steps=1000, warmup=100, batch_size=16)
   p.add_argument("--lr", type=float, default=1e-3, help="a small learning rate (the paper: 10x below optimal)")
-  p.add_argument("--snr-every", type=int, default=10)
-  p.add_argument("--cutoff", type=float, default=1.0)
-  p.add_argument("--eval-every", type=int, default=250)
-  p.add_argument("--eval-batches", type=int, default=16)
-  p.add_argument("--seed", type=int, default=0)
+  report.lm_arguments(p, snr_every=10, cutoff=1.0, eval_every=250, eval_batches=16, seed=0)
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
   if args.quick:
     args.n_layers, args.d_model, args.n_heads, args.vocab_size = 2, 32, 2, 512
     args.max_bytes, args.steps, args.warmup, args.snr_every = 1_500_000, 30, 5, 5
     args.eval_every, args.eval_batches = 30, 2
-  if args.out is None:
-    args.out = "experiments/results/snr_trends" + ("/quick" if args.quick else "")
-  return args
+  return report.default_out(args, "snr_trends")
 
 
-def role_names(path, shape):
-  """Names of the SNRTracker candidates of one parameter, in its order."""
-  cands = analysis.candidate_axes(path, shape)
-  return dict(zip(cands, ROLE_NAMES if len(shape) >= 2 else ("all",)))
+def role_names(candidates, path, shape):
+  """Names of the SNRTracker candidates (``tracker.candidates``) of one parameter, in its order."""
+  return model.candidate_roles(candidates[path], shape)
 
 
 def rule_name(axes, names):
@@ -113,37 +90,14 @@ def fmt(x):
 # -----------------------------------------------------------------------------
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def log_y(ax):
-  """Log y axis with plain tick labels (0.5, 1, 2 rather than 5x10^-1, 10^0, 2x10^0)."""
-  import matplotlib.ticker as mticker
-  ax.set_yscale("log")
-
-  def minor(y, _):
-    lo, hi = ax.get_ylim()
-    mantissa = round(y / 10 ** math.floor(math.log10(y) + 1e-9), 6)
-    if hi / lo < 3 or (hi / lo < 100 and mantissa in (2, 5)):
-      return f"{y:.3g}"
-    return ""
-
-  ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda y, _: f"{y:.3g}"))
-  ax.yaxis.set_minor_formatter(mticker.FuncFormatter(minor))
-
-
 def plot_trajectories(tracker, names, path, *, title):
   """Fig. 2: SNR_K vs step for one parameter per layer type."""
-  plt = _plt()
+  plt = pyplot()
   cols = 4
   rows = math.ceil(len(names) / cols)
   fig, axs = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
   for ax, name in zip(axs.flat, names):
-    roles = role_names(name, tracker.shapes[name])
+    roles = role_names(tracker.candidates, name, tracker.shapes[name])
     for c, pts in tracker.history[name].items():
       steps, vals = zip(*pts)
       ax.plot(steps, vals, color=ROLE_COLORS[roles[c]], label=f"{roles[c]} {c}", lw=1.2)
@@ -156,17 +110,15 @@ def plot_trajectories(tracker, names, path, *, title):
   for ax in list(axs.flat)[len(names):]:
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
-def plot_depth(table, shapes, path, *, title):
+def plot_depth(table, shapes, candidates, path, *, title):
   """Fig. 3: time-averaged SNR_K vs layer index, one panel per layer type."""
-  plt = _plt()
+  plt = pyplot()
   groups = {}
   for name, per in table.items():
-    group, idx = analysis.depth_group(name)
+    group, idx = slimoptax.depth_group(name)
     if idx is not None:
       groups.setdefault(group, []).append((idx, name, per))
   order = [g for g in GROUPS if g in groups]
@@ -175,7 +127,7 @@ def plot_depth(table, shapes, path, *, title):
   fig, axs = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
   for ax, group in zip(axs.flat, order):
     items = sorted(groups[group])
-    roles = role_names(items[0][1], shapes[items[0][1]])
+    roles = role_names(candidates, items[0][1], shapes[items[0][1]])
     for c, role in roles.items():
       ax.plot([i for i, _, _ in items], [per[c] for _, _, per in items], marker="o",
               color=ROLE_COLORS[role], label=f"{role} {c}")
@@ -189,9 +141,7 @@ def plot_depth(table, shapes, path, *, title):
   for ax in list(axs.flat)[len(order):]:
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 # -----------------------------------------------------------------------------
@@ -199,7 +149,7 @@ def plot_depth(table, shapes, path, *, title):
 # -----------------------------------------------------------------------------
 
 
-def type_rows(depth_table, group_shapes, rules_depth, cutoff):
+def type_rows(depth_table, group_shapes, candidates, rules_depth, cutoff):
   """One row per layer type: depth-averaged SNR per axis, preference, rule, Table 3."""
   rules = dict(rules_depth.as_mapping())
   rows = []
@@ -207,7 +157,7 @@ def type_rows(depth_table, group_shapes, rules_depth, cutoff):
     if group not in depth_table:
       continue
     per = depth_table[group]
-    roles = role_names(group.replace("*", "0"), group_shapes[group])
+    roles = role_names(candidates, group.replace("*", "0"), group_shapes[group])
     snrs = {roles[c]: v for c, v in per.items()}
     best_c = max((c for c in per if math.isfinite(per[c])), key=per.get, default=None)
     preferred = roles[best_c] if best_c is not None else "nan"
@@ -221,11 +171,11 @@ def type_rows(depth_table, group_shapes, rules_depth, cutoff):
   return rows
 
 
-def layer_rows(table, shapes, rules):
+def layer_rows(table, shapes, candidates, rules):
   mapping = rules.as_mapping()
   rows = []
   for name, per in table.items():
-    roles = role_names(name, shapes[name])
+    roles = role_names(candidates, name, shapes[name])
     best_c = max((c for c in per if math.isfinite(per[c])), key=per.get, default=None)
     rows.append({"param": name, "shape": list(shapes[name]), "snr": {roles[c]: v for c, v in per.items()},
                  "preferred": roles[best_c] if best_c is not None else "nan",
@@ -270,16 +220,14 @@ def summary_md(res):
   lines += ["", f"Second moments kept by the derived rules: per-layer {k['per_layer']:.2%}, depth-averaged "
             f"{k['depth_averaged']:.2%}, Table 3 preset ('slimadam') {k['slimadam_preset']:.2%} of Adam's.", "",
             "Claim checks:", ""]
-  for name, (ok, detail) in res["checks"].items():
-    lines.append(f"- {name}: {'yes' if ok else 'no'} ({detail})")
-  lines += ["", f"Wall time {res['wall_time_s'] / 60:.1f} min; machine: {res['machine']}."]
+  lines += report.check_lines(res["checks"]) + ["", report.wall_line(res)]
   return "\n".join(lines) + "\n"
 
 
-def claim_checks(depth_table, group_shapes):
+def claim_checks(depth_table, group_shapes, candidates):
   """Qualitative claims of §3.1.1 on the depth-averaged SNRs."""
   d = depth_table
-  role = lambda g: {v: d[g][c] for c, v in role_names(g.replace("*", "0"), group_shapes[g]).items()}
+  role = lambda g: {v: d[g][c] for c, v in role_names(candidates, g.replace("*", "0"), group_shapes[g]).items()}
   q, k, v, o = (role(f"blocks/*/attn/{n}/kernel") for n in ("query", "key", "value", "out"))
   wte = role("wte/embedding")
   best = lambda s: max(x for x in s.values() if math.isfinite(x))
@@ -308,22 +256,19 @@ def claim_checks(depth_table, group_shapes):
 
 def main(argv=None):
   args = parse_args(argv)
-  t_start = time.perf_counter()
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  say = lambda *a: print(*a, flush=True)  # noqa: E731
+  out, t_start = report.start(args.out)
+  say = report.say
 
-  tokenizer, train_tokens, val_tokens = nanolm.prepare_data(vocab_size=args.vocab_size, max_bytes=args.max_bytes)
-  model_cfg = nanolm.gpt_config("tiny", n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
-                                vocab_size=tokenizer.vocab_size)
+  tokenizer, train_tokens, val_tokens = data.prepare_data(vocab_size=args.vocab_size, max_bytes=args.max_bytes)
+  model_cfg, lm = model.tiny_gpt(args, tokenizer.vocab_size)
   say(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; model {model_cfg}")
 
-  template = nnx.state(nanolm.build_model(model_cfg, rngs=nnx.Rngs(args.seed)), nnx.Param)
-  tracker = analysis.SNRTracker(template, every=args.snr_every, steps=(1,))
+  template = lm.init(args.seed)
+  tracker = slimoptax.SNRTracker(template, every=args.snr_every, steps=(1,))
   hook_steps = [s for s in range(1, args.steps + 1) if tracker.should_measure(s)]
   (out / "train_log.jsonl").unlink(missing_ok=True)
-  run = nanolm.train(
-      model_cfg, lambda sched: slim_adamw(sched, compress=None),  # plain AdamW (b2 0.95, wd 0.1)
+  run = train_lm(
+      lm, lambda sched: slimoptax.slim_adamw(sched, compress=None),  # plain AdamW (b2 0.95, wd 0.1)
       train_tokens=train_tokens, val_tokens=val_tokens, steps=args.steps, batch_size=args.batch_size,
       lr=args.lr, warmup=args.warmup, seed=args.seed, eval_every=args.eval_every,
       eval_batches=args.eval_batches, state_hook=tracker.record, state_hook_steps=hook_steps,
@@ -331,10 +276,10 @@ def main(argv=None):
   say(f"final validation loss {run['final_val_loss']:.4f} ({run['seconds_per_step'] * 1e3:.0f} ms/step)")
 
   table = tracker.time_average()
-  depth_table = analysis.depth_average(table)
-  group_shapes = {analysis.depth_group(n)[0]: s for n, s in tracker.shapes.items()}
-  rules = analysis.derive_rules(table, args.cutoff, shapes=tracker.shapes)
-  rules_depth = analysis.derive_rules(depth_table, args.cutoff, shapes=group_shapes)
+  depth_table = slimoptax.depth_average(table)
+  group_shapes = {slimoptax.depth_group(n)[0]: s for n, s in tracker.shapes.items()}
+  rules = slimoptax.derive_rules(table, args.cutoff, shapes=tracker.shapes)
+  rules_depth = slimoptax.derive_rules(depth_table, args.cutoff, shapes=group_shapes)
   rules.to_json(str(out / "rules.json"))
   rules_depth.to_json(str(out / "rules_depth.json"))
   tracker.to_csv(str(out / "snr.csv"))
@@ -345,32 +290,27 @@ def main(argv=None):
   plot_trajectories(tracker, panels, out / "snr_trajectories.png",
                     title=f"SNR_K of Adam's second moments (block {mid} and non-block params), lr {args.lr:g}; "
                           "dashed: cutoff 1")
-  plot_depth(table, tracker.shapes, out / "snr_depth.png",
+  plot_depth(table, tracker.shapes, tracker.candidates, out / "snr_depth.png",
              title=f"time-averaged SNR_K vs depth, Adam lr {args.lr:g}, {args.steps} steps")
 
-  kept = lambda r: (lambda k: k[0] / k[1])(analysis.second_moments_kept(tracker.shapes, r))
+  kept = lambda r: (lambda k: k[0] / k[1])(slimoptax.second_moments_kept(tracker.shapes, r))
   res = {
-      "experiment": "snr_trends", "config": vars(args), "model": nanolm.dataclasses.asdict(model_cfg),
+      "experiment": "snr_trends", "config": vars(args), "model": dataclasses.asdict(model_cfg),
       "num_params": run["num_params"], "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
       "final_val_loss": run["final_val_loss"], "seconds_per_step": run["seconds_per_step"],
       "num_measurements": len(hook_steps),
       "val_curve": [(r["step"], r["val_loss"]) for r in run["history"] if "val_loss" in r],
       "time_average": {n: {str(c): v for c, v in per.items()} for n, per in table.items()},
       "depth_average": {n: {str(c): v for c, v in per.items()} for n, per in depth_table.items()},
-      "type_rows": type_rows(depth_table, group_shapes, rules_depth, args.cutoff),
-      "layer_rows": layer_rows(table, tracker.shapes, rules),
+      "type_rows": type_rows(depth_table, group_shapes, tracker.candidates, rules_depth, args.cutoff),
+      "layer_rows": layer_rows(table, tracker.shapes, tracker.candidates, rules),
       "rules": rules.as_mapping(), "rules_depth": rules_depth.as_mapping(),
       "kept": {"per_layer": kept(rules), "depth_averaged": kept(rules_depth),
-               "slimadam_preset": kept(labels.preset("slimadam"))},
-      "checks": claim_checks(depth_table, group_shapes),
-      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} {jax.default_backend()}",
+               "slimadam_preset": kept(slimoptax.preset("slimadam"))},
+      "checks": claim_checks(depth_table, group_shapes, tracker.candidates),
+      "machine": report.machine(),
   }
-  res["wall_time_s"] = time.perf_counter() - t_start
-  (out / "summary.md").write_text(summary_md(res))
-  with open(out / "results.json", "w") as f:
-    json.dump(res, f, indent=1)
-  say(summary_md(res))
-  return res
+  return report.finish(out, res, summary_md, t_start)
 
 
 if __name__ == "__main__":

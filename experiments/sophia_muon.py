@@ -1,13 +1,13 @@
 """Sophia and Muon against AdamW on the small GPT, at equal steps and at equal wall-clock.
 
-Seed 002 (slides "Advanced LLM Optimizers"): Muon orthogonalizes the momentum of the
+Muon (Jordan et al.) orthogonalizes the momentum of the
 hidden matrices by a 5-step Newton–Schulz iteration (Jordan et al.: ~1.35x faster
 NanoGPT speedrun; FLOP overhead ``T m / B``); Sophia steps by the clipped ratio of
 momentum to an EMA of a Hessian-diagonal estimate refreshed every ``k = 10`` steps
 (Liu et al.: ~2x fewer steps than AdamW on GPT-2). Here, on the ~0.14M-parameter GPT of
-`slimoptax.nanolm` (Python stdlib source), we compare
+`experiments._lib.model` (Python stdlib source), we compare
 
-* AdamW: `slimoptax.ladder.adamw` (b1 0.9, b2 0.95, weight decay 0.1);
+* AdamW: `experiments._lib.ladder.adamw` (b1 0.9, b2 0.95, weight decay 0.1);
 * Muon: `slimoptax.muon` (momentum 0.95, Nesterov, quintic Newton–Schulz, 5 steps,
   Jordan's shape scale, no weight decay on the matrices) on the hidden matrices; the
   embeddings and norms go through its AdamW fallback at AdamW's tuned learning rate
@@ -25,18 +25,18 @@ all behind global-norm clipping to 1, with 10% warm-up and cosine decay to 1e-5.
    optimizer gets ``budget / its seconds per step`` steps (its schedule stretched to
    that length) at its tuned learning rate.
 
-`nanolm.train` cannot run Sophia (its step calls ``optimizer.update(model, grads)``
-without the objective that `slimoptax.sophia` needs as an extra argument), so this
-script has its own small functional loop: one jitted step per optimizer, with the
-learning rates and the run length as traced arguments (one compilation per optimizer).
+Every run goes through `experiments._lib.train.train` with its objective hook
+(``objective=True``: ``tx.update`` gets the batch loss ``obj_fn`` and ``logits_fn``, which
+`slimoptax.sophia` needs), with the learning rates and the run length as traced
+hyperparameters (one compilation per optimizer).
 
 A learning rate that is best at the edge of its grid is followed by one more rate beyond
 it (``--max-extend``). ``--resume`` reuses the runs in ``OUT/results.json``;
 ``--extra-seeds`` retrains every optimizer at its tuned rate from other initialisations.
 
 Usage:
-  python experiments/sophia_muon.py --quick
-  python experiments/sophia_muon.py --max-extend 2 --extra-seeds 1 2     # full (~15-20 min)
+  python -m experiments.sophia_muon --quick
+  python -m experiments.sophia_muon --max-extend 2 --extra-seeds 1 2     # full (~15-20 min)
 """
 
 from __future__ import annotations
@@ -46,26 +46,20 @@ import csv
 import functools
 import json
 import math
-import pathlib
-import sys
 import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
-from flax import nnx
 
 import slimoptax
-from slimoptax import ladder, nanolm
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from optimizer_ladder import load_data, machine, ppl  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from experiments._lib import data, ladder, model, report
+from experiments._lib.plots import pyplot, save
+from experiments._lib.schedules import warmup_cosine
+from experiments._lib.stats import finite_or_nan, ppl
+from experiments._lib.train import compiled_step, train
 
 # Learning-rate grids (peak rates). Muon's grid is for the matrices; its AdamW fallback uses
 # AdamW's tuned rate. AdamW's grid is centred on Adam's best rate in the ladder pilot (2e-3);
@@ -79,27 +73,14 @@ GRIDS = {
 }
 
 
-def schedule(lr, steps, warmup, end_value=1e-5):
-  """Linear warm-up then cosine to ``end_value``; every argument may be traced."""
-  end = jnp.minimum(end_value, lr)
-
-  def fn(count):
-    count = jnp.asarray(count, jnp.float32)
-    warm = lr * (count + 1) / jnp.maximum(warmup, 1.0)
-    progress = jnp.clip((count - warmup) / jnp.maximum(steps - warmup, 1.0), 0.0, 1.0)
-    return jnp.where(count < warmup, warm, end + (lr - end) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
-
-  return fn
-
-
 def build_tx(name: str, hp: dict) -> optax.GradientTransformationExtraArgs:
   """The optimizer ``name``; ``hp`` holds traced ``lr``, ``adam_lr``, ``steps``, ``warmup``."""
-  sched = schedule(hp["lr"], hp["steps"], hp["warmup"])
+  sched = warmup_cosine(hp["lr"], hp["steps"], hp["warmup"])
   if name == "AdamW":
     tx = ladder.adamw(sched, b1=0.9, b2=0.95, clip_norm=None)
   elif name == "Muon":
     tx = slimoptax.muon(sched, beta=0.95, weight_decay=0.0,
-                        adam_learning_rate=schedule(hp["adam_lr"], hp["steps"], hp["warmup"]),
+                        adam_learning_rate=warmup_cosine(hp["adam_lr"], hp["steps"], hp["warmup"]),
                         adam_b1=0.9, adam_b2=0.95, adam_weight_decay=0.1)
   elif name == "Sophia-H":
     tx = slimoptax.sophia(sched, estimator="hutchinson")
@@ -111,103 +92,64 @@ def build_tx(name: str, hp: dict) -> optax.GradientTransformationExtraArgs:
 
 
 class Trainer:
-  """One model structure, one jitted step per optimizer (hyperparameters are arguments)."""
+  """One model structure; one compiled step per optimizer (hyperparameters are its arguments)."""
 
   def __init__(self, cfg, *, train_tokens, val_tokens, batch_size, final_eval_batches, eval_batches):
-    self.cfg, self.batch_size = cfg, batch_size
+    self.lm, self.batch_size = model.Functional(cfg), batch_size
     self.train_tokens = train_tokens
-    model = nanolm.build_model(cfg, rngs=nnx.Rngs(0))
-    self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
-    self.short_val = nanolm.eval_batches(val_tokens, batch_size=batch_size, seq_len=cfg.seq_len,
-                                         max_batches=eval_batches)
-    self.full_val = nanolm.eval_batches(val_tokens, batch_size=batch_size, seq_len=cfg.seq_len,
-                                        max_batches=final_eval_batches)
-    self.eval_step = jax.jit(self.loss_fn)
-    self.steps_fn = {}
+    self.short_val = data.eval_batches(val_tokens, batch_size=batch_size, seq_len=cfg.seq_len,
+                                       max_batches=eval_batches)
+    self.full_val = data.eval_batches(val_tokens, batch_size=batch_size, seq_len=cfg.seq_len,
+                                      max_batches=final_eval_batches)
+    self.tx = {}
 
-  def init_params(self, seed):
-    _, params, _ = nnx.split(nanolm.build_model(self.cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-    return nnx.as_pure(params)
-
-  def logits(self, params, x):
-    return nnx.merge(self.graphdef, params, self.rest)(x)
-
-  def loss_fn(self, params, x, y):
-    return nanolm.cross_entropy_loss(self.logits(params, x), y)
-
-  def step_fn(self, name):
-    if name not in self.steps_fn:
-      @jax.jit
-      def step(params, opt_state, x, y, hp):
-        loss, grads = jax.value_and_grad(self.loss_fn)(params, x, y)
-        updates, opt_state = build_tx(name, hp).update(
-            grads, opt_state, params,
-            obj_fn=lambda p: self.loss_fn(p, x, y),  # Sophia-H: Hessian-vector products
-            logits_fn=lambda p: self.logits(p, x))   # Sophia-G: sampled-label gradients
-        return optax.apply_updates(params, updates), opt_state, loss
-      self.steps_fn[name] = step
-    return self.steps_fn[name]
+  def make_tx(self, name):
+    """``hparams -> transformation`` of ``name``, one object per optimizer (so one compilation)."""
+    return self.tx.setdefault(name, functools.partial(build_tx, name))
 
   def hparams(self, lr, adam_lr, steps):
     return {k: jnp.asarray(v, jnp.float32) for k, v in
             dict(lr=lr, adam_lr=adam_lr, steps=steps, warmup=max(1, steps // 10)).items()}
 
-  def evaluate(self, params, batches):
-    return float(np.mean([float(self.eval_step(params, x, y)) for x, y in batches]))
-
   def train(self, name, lr, adam_lr, steps, *, seed=0, init_seed=None, eval_every=50, log=print):
     """Trains one model; returns final val loss, curves and the loop's own seconds/step.
 
     ``seed`` sets the batch order and, unless ``init_seed`` is given, the initialisation.
+    The objective hook hands Sophia the batch loss (Hessian-vector products) and logits.
     """
-    hp = self.hparams(lr, adam_lr, steps)
-    params = self.init_params(seed if init_seed is None else init_seed)
-    opt_state = build_tx(name, hp).init(params)
-    step = self.step_fn(name)
-    batches = nanolm.batch_iterator(self.train_tokens, batch_size=self.batch_size,
-                                    seq_len=self.cfg.seq_len, seed=seed)
-    curve = [(0, self.evaluate(params, self.short_val))]
-    t_start, t_loop, eval_s = time.perf_counter(), None, 0.0
-    for i in range(1, steps + 1):
-      x, y = next(batches)
-      params, opt_state, loss = step(params, opt_state, x, y, hp)
-      if i == 1:
-        jax.block_until_ready(loss)
-        t_loop = time.perf_counter()
-      if i % eval_every == 0 or i == steps:
-        t0 = time.perf_counter()
-        val = self.evaluate(params, self.full_val if i == steps else self.short_val)
-        curve.append((i, val if math.isfinite(val) else float("nan")))
-        eval_s += time.perf_counter() - t0
-    wall = time.perf_counter() - t_start
+    run = train(self.lm, self.make_tx(name), hparams=self.hparams(lr, adam_lr, steps), objective=True,
+                train_tokens=self.train_tokens, steps=steps, batch_size=self.batch_size, seed=seed,
+                init_seed=init_seed, val_batches=self.short_val, final_val_batches=self.full_val,
+                eval_every=eval_every)
+    curve = [(s, finite_or_nan(v)) for s, v in run["val_curve"]]
     final = curve[-1][1]
     # Sophia: fraction of coordinates whose last step was not clipped (the paper: 0.1-0.5).
-    win_rate = float(slimoptax.sophia_win_rate(opt_state)) if name.startswith("Sophia") else None
+    win_rate = float(slimoptax.sophia_win_rate(run["opt_state"])) if name.startswith("Sophia") else None
     log(f"  {name:8s} lr {lr:<8.3g} {steps:4d} steps: final val loss {final:.4f} "
-        f"(ppl {ppl(final):.2f}), {wall:.0f}s" + (f", win rate {win_rate:.3f}" if win_rate is not None else ""))
-    return {"final_val_loss": final, "val_curve": curve, "wall_s": wall, "win_rate": win_rate,
-            "loop_seconds_per_step": (time.perf_counter() - t_loop - eval_s) / max(steps - 1, 1)}
+        f"(ppl {ppl(final):.2f}), {run['wall_s']:.0f}s" + (f", win rate {win_rate:.3f}" if win_rate is not None else ""))
+    return {"final_val_loss": final, "val_curve": curve, "wall_s": run["wall_s"], "win_rate": win_rate,
+            "loop_seconds_per_step": run["seconds_per_step"]}
 
   def time_steps(self, names, lrs, adam_lr, *, rounds, steps_per_round, log=print):
     """Median seconds/step per optimizer, measured in interleaved rounds (compiled first)."""
     states = {}
-    batches = nanolm.batch_iterator(self.train_tokens, batch_size=self.batch_size,
-                                    seq_len=self.cfg.seq_len, seed=123)
-    data = [next(batches) for _ in range(steps_per_round)]
+    batches = data.batch_iterator(self.train_tokens, batch_size=self.batch_size,
+                                  seq_len=self.lm.seq_len, seed=123)
+    batch_list = [next(batches) for _ in range(steps_per_round)]
+    step_of = {name: compiled_step(self.lm, self.make_tx(name), objective=True) for name in names}
     for name in names:
       hp = self.hparams(lrs[name], adam_lr, 1000)
-      params = self.init_params(0)
+      params = self.lm.init(0)
       states[name] = [params, build_tx(name, hp).init(params), hp]
-      out = self.step_fn(name)(*states[name][:2], *data[0], hp)  # compile / warm up
+      out = step_of[name](*states[name][:2], *batch_list[0], hp, None)  # compile / warm up
       jax.block_until_ready(out)
     times = {name: [] for name in names}
     for r in range(rounds):
       for name in (names if r % 2 == 0 else names[::-1]):
         params, opt_state, hp = states[name]
-        step = self.step_fn(name)
         t0 = time.perf_counter()
-        for x, y in data:
-          params, opt_state, loss = step(params, opt_state, x, y, hp)
+        for x, y in batch_list:
+          params, opt_state, loss, _ = step_of[name](params, opt_state, x, y, hp, None)
         jax.block_until_ready(loss)
         times[name].append((time.perf_counter() - t0) / steps_per_round)
         states[name][:2] = [params, opt_state]
@@ -218,6 +160,7 @@ class Trainer:
 
 
 def plot(results, timing, equal_time, names, path):
+  plt = pyplot()
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   for name in names:
     r = results[name]
@@ -245,27 +188,17 @@ def plot(results, timing, equal_time, names, path):
   for ax in axes[1:]:
     ax.set_ylim(lo - 0.1, lo + 2.0)
   axes[1].set_ylabel("validation loss")
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  save(fig, path, dpi=90)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--out", default="experiments/results/sophia_muon")
-  parser.add_argument("--steps", type=int, default=200)
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--n-layers", type=int, default=2)
-  parser.add_argument("--d-model", type=int, default=64)
-  parser.add_argument("--vocab-size", type=int, default=512)
-  parser.add_argument("--max-bytes", type=int, default=None)
-  parser.add_argument("--eval-every", type=int, default=50)
-  parser.add_argument("--final-eval-batches", type=int, default=24)
+  report.lm_arguments(parser, steps=200, batch_size=16, n_layers=2, d_model=64, vocab_size=512,
+                      max_bytes=None, eval_every=50, final_eval_batches=24)
   parser.add_argument("--optimizers", nargs="*", default=list(GRIDS))
-  parser.add_argument("--timing-rounds", type=int, default=6)
-  parser.add_argument("--timing-steps", type=int, default=10)
-  parser.add_argument("--seed", type=int, default=0)
+  report.lm_arguments(parser, timing_rounds=6, timing_steps=10, seed=0)
   parser.add_argument("--max-extend", type=int, default=1,
                       help="extend a grid beyond an edge optimum at most this often")
   parser.add_argument("--resume", action="store_true",
@@ -279,19 +212,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.n_layers, args.d_model = 1, 32  # compilation dominates the smoke test
     args.timing_rounds, args.timing_steps, args.max_extend = 2, 2, 0
     grids = {n: [g[1]] for n, g in grids.items()}
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = report.output_dir(args.out)
   t0 = time.perf_counter()
-  say = lambda s: print(s, flush=True)  # noqa: E731
+  say = report.say
   names = list(grids)
   assert names[0] == "AdamW", "AdamW comes first: Muon's fallback and the time budget use it"
 
-  tokenizer, train_tokens, val_tokens = load_data(args.vocab_size, args.max_bytes)
-  cfg = nanolm.gpt_config("tiny", n_layers=args.n_layers, d_model=args.d_model,
-                          vocab_size=tokenizer.vocab_size)
+  tokenizer, train_tokens, val_tokens = data.prepare_data(vocab_size=args.vocab_size,
+                                                          max_bytes=args.max_bytes)
+  cfg = model.gpt_config("tiny", n_layers=args.n_layers, d_model=args.d_model,
+                         vocab_size=tokenizer.vocab_size)
   trainer = Trainer(cfg, train_tokens=train_tokens, val_tokens=val_tokens, batch_size=args.batch_size,
                     final_eval_batches=args.final_eval_batches, eval_batches=2 if args.quick else 4)
-  num_params = nanolm.count_params(nanolm.build_model(cfg, rngs=nnx.Rngs(0)))
+  num_params = model.count_params(trainer.lm.init(0))
   tokens_per_step = args.batch_size * cfg.seq_len
   say(f"model {num_params:,} params; {args.steps} steps x {tokens_per_step} tokens; optimizers {names}")
   train = functools.partial(trainer.train, seed=args.seed, eval_every=args.eval_every, log=say)
@@ -384,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    (cfg.d_model, 4 * cfg.d_model), (4 * cfg.d_model, cfg.d_model)]}
   wall = time.perf_counter() - t0
   summary = {
-      "experiment": "sophia_muon", "args": vars(args), "machine": machine(), "num_params": num_params,
+      "experiment": "sophia_muon", "args": vars(args), "machine": report.machine(), "num_params": num_params,
       "tokens_per_step": tokens_per_step, "grids": grids,
       "equal_steps": {n: {"best_lr": r["best_lr"], "best_val_loss": r["best_val_loss"], "adam_lr": r["adam_lr"],
                           "best_ppl": ppl(r["best_val_loss"]), "best_at_edge": r["best_at_edge"],
@@ -427,9 +360,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       for n, c in seed_check.items()] if seed_check else []) + [
             "", "Muon FLOP overhead T m / B per matrix at this size (5 NS steps, B = %d tokens): %s" % (
                 tokens_per_step, ", ".join(f"{k}: {v:.1%}" for k, v in muon_overhead.items()))]
-  (out / "tables.md").write_text("\n".join(lines) + "\n")
-  say("\n".join(lines))
-  say(f"wall time {wall:.0f}s; wrote {out}")
+  report.write_tables(out, lines, wall)
   return summary
 
 

@@ -1,6 +1,6 @@
 """Vocabulary size vs compressibility of the token dimension (Kalra et al. 2025, §4.1, Fig. 7, App. G).
 
-The two-layer model ``lm_head(wte(tokens))`` (`nanolm.EmbedHeadLM`, no tying)
+The two-layer model ``lm_head(wte(tokens))`` (`experiments._lib.model.EmbedHeadLM`, no tying)
 is trained on the same corpus tokenized with byte-level BPE vocabularies of
 increasing size (256 = raw bytes). Growing the vocabulary adds rarer tokens,
 i.e. a heavier tail of the token distribution. For each vocabulary:
@@ -20,33 +20,33 @@ embedding axis stays compressible.
 
 Setup as App. B.2 where it fits a CPU: init wte ~ N(0, 1), head ~ N(0, 1/d),
 b1 0.9, b2 0.999, eps 1e-8, weight decay 1e-4, warmup + cosine decay to lr/10,
-gradient clipping 1 (nanolm.train's default).
+gradient clipping 1 (`experiments._lib.train.train_lm`'s default).
 
 Outputs (in --out): vocab_snr.png (Fig. 7 + App. G), snr_trajectories.png,
 results.json, summary.md, snr_v<V>.csv per vocabulary.
 
 Usage::
 
-  python experiments/vocab_snr.py            # full run (~7 min on 2 shared CPU cores, tokenizers cached)
-  python experiments/vocab_snr.py --quick    # CI smoke test (< 1 min)
+  python -m experiments.vocab_snr            # full run (~7 min on 2 shared CPU cores, tokenizers cached)
+  python -m experiments.vocab_snr --quick    # CI smoke test (< 1 min)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import pathlib
-import platform
+import re
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from slimoptax import analysis, labels, nanolm
-from slimoptax.slim_adam import slim_adamw
+import slimoptax
+from experiments._lib import data, model, report
+from experiments._lib.plots import log_y, pyplot, save
+from experiments._lib.stats import spearman
+from experiments._lib.train import train_lm
+from slimoptax._tree import named_leaves
 
 # Axes of each parameter, by meaning (Flax layouts: Embed (vocab, d), Dense kernel (d, vocab)).
 AXES = {"wte/embedding": {"token": (0,), "embed": (1,)}, "lm_head/kernel": {"token": (1,), "embed": (0,)}}
@@ -57,50 +57,37 @@ COMPRESSIONS = {
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default=None, help="output directory (default experiments/results/vocab_snr, "
-                 "or experiments/results/vocab_snr/quick with --quick)")
-  p.add_argument("--quick", action="store_true", help="CI smoke test: 2 vocabularies, few steps")
+  p = report.parser(__doc__, "vocab_snr", "2 vocabularies, few steps")
   p.add_argument("--vocab-sizes", default="256,512,1024,2048,4096")
-  p.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus cap (bounds tokenizer training)")
-  p.add_argument("--d-model", type=int, default=32)
-  p.add_argument("--seq-len", type=int, default=64)
-  p.add_argument("--steps", type=int, default=600)
-  p.add_argument("--warmup", type=int, default=60)
-  p.add_argument("--batch-size", type=int, default=16)
+  report.lm_arguments(p, max_bytes=4_000_000, d_model=32, seq_len=64, steps=600, warmup=60,
+                      batch_size=16)
   p.add_argument("--lr", type=float, default=3e-2,
                  help="best of 3e-3/1e-2/3e-2 for V=1024 in a 400-step probe (short runs need a large lr)")
-  p.add_argument("--b2", type=float, default=0.999)
-  p.add_argument("--weight-decay", type=float, default=1e-4)
-  p.add_argument("--snr-every", type=int, default=10)
-  p.add_argument("--eval-every", type=int, default=200)
-  p.add_argument("--eval-batches", type=int, default=16)
-  p.add_argument("--seed", type=int, default=0)
+  report.lm_arguments(p, b2=0.999, weight_decay=1e-4, snr_every=10, eval_every=200, eval_batches=16,
+                      seed=0)
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
   if args.quick:
     args.vocab_sizes, args.max_bytes, args.d_model = "256,512", 1_500_000, 16
     args.steps, args.warmup, args.snr_every, args.eval_every, args.eval_batches = 30, 5, 5, 30, 2
-  if args.out is None:
-    args.out = "experiments/results/vocab_snr" + ("/quick" if args.quick else "")
-  return args
+  return report.default_out(args, "vocab_snr")
 
 
 def build_model(vocab_size, args):
   """EmbedHeadLM with the paper's init: wte ~ N(0, 1), head ~ N(0, 1/d)."""
-  cfg = nanolm.EmbedHeadConfig(vocab_size=vocab_size, d_model=args.d_model, seq_len=args.seq_len)
-  model = nanolm.EmbedHeadLM(cfg, rngs=nnx.Rngs(args.seed))
+  cfg = model.EmbedHeadConfig(vocab_size=vocab_size, d_model=args.d_model, seq_len=args.seq_len)
+  lm = model.EmbedHeadLM(cfg, rngs=nnx.Rngs(args.seed))
   k_embd, k_head = jax.random.split(jax.random.key(args.seed))
-  model.wte.embedding[...] = jax.random.normal(k_embd, (vocab_size, args.d_model))
-  model.lm_head.kernel[...] = jax.random.normal(k_head, (args.d_model, vocab_size)) / math.sqrt(args.d_model)
-  return model
+  lm.wte.embedding[...] = jax.random.normal(k_embd, (vocab_size, args.d_model))
+  lm.lm_head.kernel[...] = jax.random.normal(k_head, (args.d_model, vocab_size)) / math.sqrt(args.d_model)
+  return lm
 
 
 def compression_rules(kind):
   """Explicit integer axes for both layers (None: Adam)."""
   if kind == "adam":
     return None
-  return labels.Rules([(labels.exact_pattern(p), p, ax[kind]) for p, ax in AXES.items()], name=kind)
+  return slimoptax.Rules([("^" + re.escape(p) + "$", p, ax[kind]) for p, ax in AXES.items()], name=kind)
 
 
 def token_stats(tokens, vocab_size):
@@ -116,31 +103,8 @@ def token_stats(tokens, vocab_size):
 # -----------------------------------------------------------------------------
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def log_y(ax):
-  """Log y axis with plain tick labels (0.5, 1, 2 rather than 5x10^-1, 10^0, 2x10^0)."""
-  import matplotlib.ticker as mticker
-  ax.set_yscale("log")
-
-  def minor(y, _):
-    lo, hi = ax.get_ylim()
-    mantissa = round(y / 10 ** math.floor(math.log10(y) + 1e-9), 6)
-    if hi / lo < 3 or (hi / lo < 100 and mantissa in (2, 5)):
-      return f"{y:.3g}"
-    return ""
-
-  ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda y, _: f"{y:.3g}"))
-  ax.yaxis.set_minor_formatter(mticker.FuncFormatter(minor))
-
-
 def plot_main(res, path):
-  plt = _plt()
+  plt = pyplot()
   vocabs = [int(v) for v in res["per_vocab"]]
   per = res["per_vocab"]
   cmap = plt.get_cmap("viridis")
@@ -185,14 +149,12 @@ def plot_main(res, path):
   axs[2].set_ylabel("ΔL = L(compressed) − L(Adam)")
   axs[2].set_title("final validation loss gap to Adam", fontsize=10)
   axs[2].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 def plot_trajectories(res, path):
   """App. G, Fig. 29: both layers, token and embedding axes, all vocabularies."""
-  plt = _plt()
+  plt = pyplot()
   vocabs = [int(v) for v in res["per_vocab"]]
   cmap = plt.get_cmap("viridis")
   fig, axs = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
@@ -208,9 +170,7 @@ def plot_trajectories(res, path):
       ax.legend(fontsize=6)
       if row == 1:
         ax.set_xlabel("step")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 def summary_md(res):
@@ -242,15 +202,8 @@ def summary_md(res):
             "ΔL = L(compressed) - L(Adam), final validation loss in nats per token (each vocabulary has its "
             "own tokenization, so L is comparable only within a row).", "",
             "Claim checks:", ""]
-  for name, (ok, detail) in res["checks"].items():
-    lines.append(f"- {name}: {'yes' if ok else 'no'} ({detail})")
-  lines += ["", f"Wall time {res['wall_time_s'] / 60:.1f} min; machine: {res['machine']}."]
+  lines += report.check_lines(res["checks"]) + ["", report.wall_line(res)]
   return "\n".join(lines) + "\n"
-
-
-def spearman(x, y):
-  rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-  return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def claim_checks(res):
@@ -285,47 +238,45 @@ def claim_checks(res):
 
 def main(argv=None):
   args = parse_args(argv)
-  t_start = time.perf_counter()
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  say = lambda *a: print(*a, flush=True)  # noqa: E731
+  out, t_start = report.start(args.out)
+  say = report.say
 
   per_vocab = {}
   for vocab in [int(v) for v in args.vocab_sizes.split(",")]:
     t0 = time.perf_counter()
-    tokenizer, train_tokens, val_tokens = nanolm.prepare_data(vocab_size=vocab, max_bytes=args.max_bytes)
+    tokenizer, train_tokens, val_tokens = data.prepare_data(vocab_size=vocab, max_bytes=args.max_bytes)
     V = tokenizer.vocab_size
     say(f"V={V}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens (data {time.perf_counter() - t0:.0f}s)")
     template = nnx.state(build_model(V, args), nnx.Param)
-    tracker = analysis.SNRTracker(template, every=args.snr_every, steps=(1,),
+    tracker = slimoptax.SNRTracker(template, every=args.snr_every, steps=(1,),
                                   candidates={p: list(ax.values()) for p, ax in AXES.items()})
     hook_steps = [s for s in range(1, args.steps + 1) if tracker.should_measure(s)]
     # The same SNRs over the tokens that occur in the training stream only: BPE vocabularies all
     # contain the 256-byte alphabet, most of which never occurs in (ASCII) Python source.
     seen = np.flatnonzero(np.bincount(np.asarray(train_tokens, np.int64), minlength=V) > 0)
     seen_snr = jax.jit(lambda w, h: {
-        "wte/embedding": {"token": analysis.snr(w[seen], (0,)), "embed": analysis.snr(w[seen], (1,))},
-        "lm_head/kernel": {"token": analysis.snr(h[:, seen], (1,)), "embed": analysis.snr(h[:, seen], (0,))}})
+        "wte/embedding": {"token": slimoptax.snr(w[seen], (0,)), "embed": slimoptax.snr(w[seen], (1,))},
+        "lm_head/kernel": {"token": slimoptax.snr(h[:, seen], (1,)), "embed": slimoptax.snr(h[:, seen], (0,))}})
     seen_history = []
 
     def hook(step, state):
       tracker.record(step, state)
-      nu = dict(labels.named_leaves(analysis.find_second_moment(state, template)))
+      nu = dict(named_leaves(slimoptax.find_second_moment(state, template)))
       seen_history.append(jax.device_get(seen_snr(nu["wte/embedding"], nu["lm_head/kernel"])))
 
     final, seconds = {}, {}
     for kind in ("adam", *COMPRESSIONS):
       rules = compression_rules(kind)
-      run = nanolm.train(
-          build_model(V, args),
-          lambda sched, rules=rules: slim_adamw(sched, b2=args.b2, weight_decay=args.weight_decay, compress=rules),
+      run = train_lm(
+          model.Functional(build_model(V, args)),
+          lambda sched, rules=rules: slimoptax.slim_adamw(sched, b2=args.b2, weight_decay=args.weight_decay, compress=rules),
           train_tokens=train_tokens, val_tokens=val_tokens, steps=args.steps, batch_size=args.batch_size,
           lr=args.lr, warmup=args.warmup, seed=args.seed, eval_every=args.eval_every,
           eval_batches=args.eval_batches, progress=not args.no_progress,
           state_hook=hook if kind == "adam" else None,
           state_hook_steps=hook_steps if kind == "adam" else None)
-      final[kind], seconds[kind] = run["final_val_loss"], run["wall_time"]
-      say(f"  {kind:<6} val {run['final_val_loss']:.4f} ({run['wall_time']:.0f}s)")
+      final[kind], seconds[kind] = run["final_val_loss"], run["wall_s"]
+      say(f"  {kind:<6} val {run['final_val_loss']:.4f} ({run['wall_s']:.0f}s)")
     tracker.to_csv(str(out / f"snr_v{V}.csv"))
     avg = tracker.time_average()
     name_of = {p: {ax: n for n, ax in axes.items()} for p, axes in AXES.items()}
@@ -345,16 +296,11 @@ def main(argv=None):
         f"ΔL embed {per_vocab[str(V)]['delta_loss']['embed']:+.4f}, token {per_vocab[str(V)]['delta_loss']['token']:+.4f}")
 
   res = {"experiment": "vocab_snr", "config": vars(args), "per_vocab": per_vocab,
-         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} {jax.default_backend()}"}
+         "machine": report.machine()}
   res["checks"] = claim_checks(res)
   plot_main(res, out / "vocab_snr.png")
   plot_trajectories(res, out / "snr_trajectories.png")
-  res["wall_time_s"] = time.perf_counter() - t_start
-  (out / "summary.md").write_text(summary_md(res))
-  with open(out / "results.json", "w") as f:
-    json.dump(res, f, indent=1)
-  say(summary_md(res))
-  return res
+  return report.finish(out, res, summary_md, t_start)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
-"""The main job (`slimoptax demo --quick`) end to end: outputs and their numbers agree."""
+"""The demo (`python -m experiments.demo --quick`) end to end: outputs and their numbers agree."""
 
 import json
 import math
 
 import slimoptax
-from slimoptax import cli, nanolm
+from experiments import demo
+from experiments._lib import model
 
 
 def test_demo_quick_writes_consistent_outputs(tmp_path, capsys):
   out = tmp_path / "demo"
-  assert cli.main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
+  assert demo.main(["--out", str(out), "--quick", "--no-progress"]) == 0
   for name in ("rules.json", "rules_depth.json", "rules_table.txt", "snr_trajectories.png", "snr_depth.png",
                "loss_curves.png", "summary.json", "summary.md", "snr.csv"):
     assert (out / name).exists(), name
@@ -22,7 +23,7 @@ def test_demo_quick_writes_consistent_outputs(tmp_path, capsys):
   rules = slimoptax.Rules.from_json(str(out / "rules.json"))
   assert rules.as_mapping() == rederived.as_mapping()
   # Second-moment counts in the summary match the rules / presets applied to the model's shapes.
-  model_cfg = nanolm.GPTConfig(**summary["model"])
+  model_cfg = model.GPTConfig(**summary["model"])
   n_params = sum(math.prod(s) for s in shapes.values())
   assert summary["num_params"] == n_params
   runs = summary["runs"]

@@ -12,9 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-import slimoptax
-from slimoptax import ladder
-from slimoptax.ladder import LADDER
+from experiments._lib import ladder
+from experiments._lib.ladder import LADDER
 
 STEPS = 24
 WD, CLIP = 0.1, 1.0
@@ -56,7 +55,7 @@ def _full_loss(params):
 
 
 # --------------------------------------------------------------------------
-# Numpy references (float64), from the seeds' equations.
+# Numpy references (float64), from the papers' equations.
 # --------------------------------------------------------------------------
 
 
@@ -276,7 +275,7 @@ def test_alias_matches_reference_and_lowers_loss(name):
   assert _full_loss(params) < _full_loss(PARAMS0) - 0.05, name
 
 
-def test_defaults_follow_the_seeds():
+def test_defaults_follow_the_papers():
   """Weight decay 0.1 on matrices, Gclip 1 before the optimizer, dampening 1 - beta."""
   p = {"w": jnp.full((2, 2), 2.0), "b": jnp.full((2,), 2.0)}
   big = {"w": jnp.full((2, 2), 100.0), "b": jnp.full((2,), 100.0)}
@@ -307,7 +306,7 @@ def test_defaults_follow_the_seeds():
   for _ in range(20):
     (uo, so), (ut, st) = both(so, st)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), uo, ut)
-  # The SlimAdam seed's SM3 (b2 = 0.95, wd, Gclip) on a tree with a 0-d parameter.
+  # The SlimAdam paper's SM3 (b2 = 0.95, wd, Gclip) on a tree with a 0-d parameter.
   p3 = {"b": jnp.asarray([0.5, -1.0]), "s": jnp.asarray(0.7), "w": jnp.asarray([[1.0, 2.0]] * 2)}
   tx, ref = ladder.sm3(0.1), SM3Ref(0.1)
   step = jax.jit(tx.update)
@@ -369,6 +368,29 @@ def test_nnx_optimizer_integration():
     assert float(loss_fn(model, X.reshape(-1, 16), Y.reshape(-1))) < first, name
 
 
-def test_exported():
-  assert slimoptax.LADDER is LADDER
-  assert slimoptax.ladder.signum is ladder.signum
+def test_momentum_is_optax_ema():
+  """The SGD family's momentum (dampening 1 - beta, zero init) is ``optax.ema(beta, debias=False)``."""
+  p = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.asarray([0.1, -0.2])}
+  pairs = {
+      "sgd": (ladder.sgd(0.1, beta=0.9),
+              optax.chain(optax.ema(0.9, debias=False), optax.scale_by_learning_rate(0.1))),
+      "sgd_gclip": (ladder.sgd_gclip(0.1, beta=0.9),
+                    optax.chain(optax.clip_by_global_norm(1.0), optax.ema(0.9, debias=False),
+                                optax.scale_by_learning_rate(0.1))),
+      "sgd_cclip": (ladder.sgd_cclip(0.1, beta=0.9, clip=0.05),
+                    optax.chain(optax.clip_by_global_norm(1.0), optax.ema(0.9, debias=False),
+                                optax.clip(0.05), optax.scale_by_learning_rate(0.1))),
+  }
+  rng = np.random.default_rng(0)
+  for ours, theirs in pairs.values():
+    both = jax.jit(lambda g, so, st: (ours.update(g, so, p), theirs.update(g, st, p)))
+    so, st = ours.init(p), theirs.init(p)
+    for _ in range(10):
+      g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
+      (uo, so), (ut, st) = both(g, so, st)
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), uo, ut, is_leaf=lambda x: x is None)
+
+
+def test_registry():
+  assert LADDER["signum"] is ladder.signum and LADDER["adam"] is ladder.adamw
+  assert all(getattr(ladder, f.__name__) is f and f.__name__ in ladder.__all__ for f in LADDER.values())

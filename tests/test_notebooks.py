@@ -3,8 +3,9 @@
 Each notebook runs top to bottom in a fresh `python3` kernel (nbclient) started from *this* interpreter: a
 private kernelspec written into a temporary directory points at `sys.executable`, so a fresh CI virtual
 environment uses its own packages whatever kernelspecs the machine has; the test also asks the kernel for
-`sys.prefix`. The kernel inherits the environment: `JAX_PLATFORMS=cpu` (tests/conftest.py) and a temporary
-`SLIMOPTAX_CACHE` for the tokenizer. Each notebook's working directory is a temporary directory.
+`sys.prefix`. The kernel inherits the environment: `JAX_PLATFORMS=cpu` (tests/conftest.py), a temporary
+`SLIMOPTAX_CACHE` for the tokenizer and `SLIMOPTAX_REPO`, the repository root, where the notebooks find the
+experiment helpers (`experiments._lib`). Each notebook's working directory is a temporary directory.
 
 One test per notebook (execution dominates; one test keeps pytest-xdist from running a notebook twice).
 """
@@ -26,7 +27,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
 _PROBE = "import sys\nprint('KERNEL_PREFIX=' + sys.prefix)\nprint('KERNEL_EXECUTABLE=' + sys.executable)"
 
 
@@ -47,6 +49,7 @@ def _execute(name: str, tmp_path: pathlib.Path, monkeypatch) -> tuple[nbformat.N
   work.mkdir()
   monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
   monkeypatch.setenv("SLIMOPTAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("SLIMOPTAX_REPO", str(REPO))
   client = NotebookClient(nb, km=_kernel_manager(tmp_path), kernel_name="python3", timeout=600,
                           resources={"metadata": {"path": str(work)}})
   client.execute()  # raises CellExecutionError on the first failing cell
@@ -101,7 +104,7 @@ def test_notebook_is_clean_and_colab_ready(name):
 
 
 def _slimadam_kept_closed_form(c: dict) -> int:
-  """Second moments the "slimadam" preset (Table 3) keeps for a tied-embedding nanolm GPT, by hand.
+  """Second moments the "slimadam" preset (Table 3) keeps for a tied-embedding GPT (experiments._lib), by hand.
 
   Per block: query/key averaged over fan_in (keep H*hd = d each), value over fan_out (keep d), attention out
   over fan_out (keep H*hd = d), MLP up over fan_out (keep d), MLP down over fan_out (keep 4d), two LayerNorm
@@ -118,7 +121,7 @@ def test_quickstart(tmp_path, monkeypatch):
   from flax import nnx
 
   import slimoptax
-  from slimoptax import nanolm
+  from experiments._lib import model as lm_model
 
   nb, out, _ = _execute("quickstart.ipynb", tmp_path, monkeypatch)
   config = json.loads(_number(out, r"model config: (\{.*\})", str))
@@ -126,7 +129,7 @@ def test_quickstart(tmp_path, monkeypatch):
 
   # Fraction of second moments saved: printed vs a memory report computed here from shapes alone...
   printed = _number(out, r"fraction of second moments saved: ([0-9.]+)")
-  model = nnx.eval_shape(lambda: nanolm.GPT(nanolm.GPTConfig(**config), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: lm_model.GPT(lm_model.GPTConfig(**config), rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
   tx = slimoptax.slim_adamw(1e-3, compress="slimadam")
   report = slimoptax.memory_report(jax.eval_shape(tx.init, params), params)

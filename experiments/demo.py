@@ -1,4 +1,9 @@
-"""The main job: measure SNR, derive SlimAdam rules, compare with Adam at a fraction of the memory.
+"""The demo: measure SNR, derive SlimAdam rules, compare with Adam at a fraction of the memory.
+
+Run from the repository root::
+
+  python -m experiments.demo --out runs/demo            # ~10-15 min on two CPU cores
+  python -m experiments.demo --out runs/demo --quick    # one-minute smoke run
 
 Steps (Kalra et al. 2025, §3 and §5, at small scale on the embedded corpus):
 
@@ -19,17 +24,17 @@ import argparse
 import dataclasses
 import json
 import os
-import pathlib
 import platform
+import sys
 import time
 from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
 
-from slimoptax import analysis, diagnostics, nanolm
-from slimoptax.slim_adam import slim_adamw
+import slimoptax
+from experiments._lib import data, model, report
+from experiments._lib.plots import pyplot, save
+from experiments._lib.train import train_lm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,22 +70,22 @@ def _compress_for(name: str, rules):
 
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, progress: bool = True) -> dict[str, Any]:
   """Runs the demo and writes its outputs to ``out_dir``; returns the summary dict."""
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = report.output_dir(out_dir)
   t_start = time.perf_counter()
-  say = lambda *a: print(*a, flush=True)  # noqa: E731
+  say = report.say
 
   say(f"[1/4] data: Python stdlib source, BPE vocab {config.vocab_size}")
-  tokenizer, train_tokens, val_tokens = nanolm.prepare_data(vocab_size=config.vocab_size,
-                                                            max_bytes=config.max_bytes)
-  model_cfg = nanolm.gpt_config(config.model, vocab_size=tokenizer.vocab_size, n_layers=config.n_layers,
-                                d_model=config.d_model)
+  tokenizer, train_tokens, val_tokens = data.prepare_data(vocab_size=config.vocab_size,
+                                                          max_bytes=config.max_bytes)
+  model_cfg = model.gpt_config(config.model, vocab_size=tokenizer.vocab_size, n_layers=config.n_layers,
+                               d_model=config.d_model)
+  lm = model.Functional(model_cfg)
   say(f"      {len(train_tokens):,} train / {len(val_tokens):,} val tokens; model {config.model}: "
       f"{model_cfg}")
 
   def train(name, compress, lr, steps, **kw):
-    return nanolm.train(
-        model_cfg, lambda sched: slim_adamw(sched, compress=compress, num_heads=model_cfg.n_heads),
+    return train_lm(
+        lm, lambda sched: slimoptax.slim_adamw(sched, compress=compress, num_heads=model_cfg.n_heads),
         train_tokens=train_tokens, val_tokens=val_tokens, steps=steps, batch_size=config.batch_size,
         lr=lr, warmup=config.warmup, seed=config.seed, eval_every=config.eval_every,
         eval_batches=config.eval_batches, log_path=out / f"log_{name}.jsonl", progress=progress, **kw)
@@ -88,8 +93,8 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
   # 1. SNR of Adam's second moments at a small learning rate.
   snr_lr = config.lr * config.snr_lr_factor
   say(f"[2/4] Adam at lr {snr_lr:g} for {config.snr_steps} steps, tracking SNR every {config.snr_every}")
-  template = nnx.state(nanolm.build_model(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
-  tracker = analysis.SNRTracker(template, every=config.snr_every, steps=(1,))
+  template = lm.init(config.seed)
+  tracker = slimoptax.SNRTracker(template, every=config.snr_every, steps=(1,))
   (out / "log_snr_adam.jsonl").unlink(missing_ok=True)
   snr_run = train("snr_adam", None, snr_lr, config.snr_steps,
                   state_hook=lambda step, state: tracker.record(step, state),
@@ -97,10 +102,10 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
 
   # 2. Rules.
   table = tracker.time_average()
-  rules = analysis.derive_rules(table, config.cutoff, shapes=tracker.shapes)
-  depth_table = analysis.depth_average(table)
-  group_shapes = {analysis.depth_group(n)[0]: s for n, s in tracker.shapes.items()}
-  rules_depth = analysis.derive_rules(depth_table, config.cutoff, shapes=group_shapes)
+  rules = slimoptax.derive_rules(table, config.cutoff, shapes=tracker.shapes)
+  depth_table = slimoptax.depth_average(table)
+  group_shapes = {slimoptax.depth_group(n)[0]: s for n, s in tracker.shapes.items()}
+  rules_depth = slimoptax.derive_rules(depth_table, config.cutoff, shapes=group_shapes)
   rules.to_json(str(out / "rules.json"))
   rules_depth.to_json(str(out / "rules_depth.json"))
   tracker.to_csv(str(out / "snr.csv"))
@@ -118,19 +123,19 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
     (out / f"log_{name}.jsonl").unlink(missing_ok=True)
     say(f"[4/4] {name} at lr {config.lr:g} for {config.steps} steps")
     result = train(name, compress, config.lr, config.steps)
-    report = diagnostics.memory_report(result["optimizer"].opt_state, template)
+    mem = slimoptax.memory_report(result["opt_state"], template)
     runs[name] = {
         "final_val_loss": result["final_val_loss"],
         "final_train_loss": result["final_train_loss"],
-        "second_moment_entries": report.entries,
-        "second_moments_saved": report.fraction_saved,
+        "second_moment_entries": mem.entries,
+        "second_moments_saved": mem.fraction_saved,
         "opt_state_bytes": result["opt_state_bytes"],
         "seconds_per_step": result["seconds_per_step"],
         "val_curve": [(r["step"], r["val_loss"]) for r in result["history"] if "val_loss" in r],
         "train_curve": [(r["step"], r["train_loss"]) for r in result["history"] if "train_loss" in r],
     }
     say(f"      val loss {result['final_val_loss']:.4f}; second moments saved "
-        f"{report.fraction_saved:.2%}")
+        f"{mem.fraction_saved:.2%}")
 
   _plot_losses(runs, out / "loss_curves.png")
   summary = {
@@ -142,7 +147,8 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
       "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
       "snr_run_final_val_loss": snr_run["final_val_loss"],
       "rules_kept_fraction": {
-          "per_layer": _kept_fraction(template, rules), "depth_averaged": _kept_fraction(template, rules_depth)},
+          "per_layer": _kept_fraction(template, rules),
+          "depth_averaged": _kept_fraction(template, rules_depth)},
       "runs": {k: {kk: vv for kk, vv in v.items() if not kk.endswith("_curve")} for k, v in runs.items()},
       "wall_time_s": time.perf_counter() - t_start,
   }
@@ -154,11 +160,8 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
 
 
 def _kept_fraction(params, rules) -> float:
-  from slimoptax import labels
-
-  resolved = rules.resolve(params, warn=False)
-  kept = sum(labels.kept_entries(s, a) for _, s, _, a in resolved)
-  return kept / sum(int(np.prod(s)) for _, s, _, _ in resolved)
+  kept, total = slimoptax.second_moments_kept(model.param_paths(params), rules)
+  return kept / total
 
 
 def _summary_md(summary) -> str:
@@ -181,8 +184,8 @@ def _summary_md(summary) -> str:
 
 
 def _plot_losses(runs, path) -> None:
-  fig, axs = analysis._subplots(1, 2, figsize=(11, 4))
-  axs = axs[0]
+  plt = pyplot()
+  fig, axs = plt.subplots(1, 2, figsize=(11, 4))
   for name, r in runs.items():
     if r["train_curve"]:
       s, v = zip(*r["train_curve"])
@@ -194,8 +197,7 @@ def _plot_losses(runs, path) -> None:
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save(fig, path, dpi=110)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -221,3 +223,17 @@ def config_from_args(args) -> DemoConfig:
     if value is not None:
       overrides[field.name] = tuple(value.split(",")) if field.name == "optimizers" else value
   return dataclasses.replace(base, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.demo",
+      description="SNR -> rules -> Adam vs SlimAdam/Adam-mini/AdaLayer on the Python standard library's source")
+  add_arguments(parser)
+  args = parser.parse_args(argv)
+  run_demo(args.out, config_from_args(args), progress=not args.no_progress)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

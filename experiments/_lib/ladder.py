@@ -1,23 +1,24 @@
-"""The optimizer ladder between SGD and Adam, with the seeds' hyperparameters.
+"""The optimizer ladder between SGD and Adam, with the papers' hyperparameters.
 
-One-line constructors for the methods of Orvieto & Gower's Table 1 (Adam,
-Adam with ``b1 = b2``, Signum, RMSprop, SGD + Cclip, SignSGD / EMASign,
-SGD + Gclip, SGD) and the low-memory baselines of the SlimAdam paper (Kalra et
-al. 2025, App. A: Adafactor with and without momentum, Lion, SM3). Every
+One-line constructors for the methods of Orvieto & Gower 2025 ("In Search of
+Adam's Secret Sauce"), Table 1 (Adam, Adam with ``b1 = b2``, Signum, RMSprop,
+SGD + Cclip, SignSGD / EMASign, SGD + Gclip, SGD) and the low-memory baselines
+of the SlimAdam paper (Kalra et al. 2025, "When Can You Get Away with Low Memory
+Adam?", App. A: Adafactor with and without momentum, Lion, SM3). Every
 constructor takes ``learning_rate`` (a float or an optax schedule) first;
-defaults are the seeds' settings:
+defaults are the papers' settings:
 
 * decoupled weight decay ``0.1`` (multiplied by the learning rate, as PyTorch
-  ``AdamW``), except SGD, which the seed ran without weight decay (App. A.1.1,
-  B.1). It applies to parameters with ``ndim >= 2`` by default, slimoptax's
-  convention (as `slimoptax.slim_adamw`); the seeds do not say which
-  parameters decay. Pass ``mask=None`` to decay all, as ``optax.adamw`` does
-  (the default ``mask="ndim>=2"``, `DEFAULT_MASK`, is a string so that
+  ``AdamW``), except SGD, which Orvieto & Gower ran without weight decay
+  (App. A.1.1, B.1). It applies to parameters with ``ndim >= 2`` by default,
+  slimoptax's convention (as `slimoptax.slim_adamw`); the papers do not say
+  which parameters decay. Pass ``mask=None`` to decay all, as ``optax.adamw``
+  does (the default ``mask="ndim>=2"``, `DEFAULT_MASK`, is a string so that
   `optax.inject_hyperparams` does not take it for a schedule);
 * global norm clipping of the raw gradient to ``1.0`` (``clip_norm``; ``None``
   turns it off);
 * momentum with dampening ``1 - beta``: ``m_k = beta m_{k-1} + (1 - beta)
-  g_k``, zero-initialised.
+  g_k``, zero-initialised (``optax.ema(beta, debias=False)``).
 
 Every constructor works with `optax.inject_hyperparams` as it is (the default
 ``mask`` is the string ``"ndim>=2"``, not a function; the state does not
@@ -27,21 +28,22 @@ must be named in ``static_args``: ``min_dim_size_to_factor`` of `adafactor` /
 branches on ``b2 == 1`` in Python), and a callable ``mask`` (inject_hyperparams
 takes every callable for a schedule)::
 
-    tx = optax.inject_hyperparams(slimoptax.ladder.adafactor,
+    tx = optax.inject_hyperparams(ladder.adafactor,
                                   static_args=("min_dim_size_to_factor",))(1e-3)
 
 `LADDER` maps names to constructors for the experiment scripts::
 
-    tx = slimoptax.LADDER["signum"](1e-3)
+    tx = LADDER["signum"](1e-3)
 
 Note: PyTorch's ``SGD`` starts its momentum buffer at the first gradient
-("GI"); ours start at zero ("ZI"); the seed found no difference for Signum
-(Table 3), and the gap decays as ``beta^k``. `signum` and `emasign` take
+("GI"); ours start at zero ("ZI"); Orvieto & Gower found no difference for
+Signum (Table 3), and the gap decays as ``beta^k``. `signum` and `emasign` take
 ``init="grad"`` for GI.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,17 +52,23 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from slimoptax.factored import scale_by_adafactor
-from slimoptax.sign import scale_by_sign
-from slimoptax.slim_adam import default_weight_decay_mask
+from experiments._lib import data
+from experiments._lib.schedules import warmup_cosine
+from experiments._lib.train import sweep_log_fn, train
+from slimoptax import scale_by_adafactor, scale_by_sign
 
 Mask = Any  # "ndim>=2" | None | pytree of bools | callable params -> pytree of bools
 
-#: The default weight-decay mask: parameters with ``ndim >= 2``
-#: (`slimoptax.slim_adam.default_weight_decay_mask`). A string, not the
-#: function, so that `optax.inject_hyperparams` (which takes every callable
-#: argument for a schedule) passes it through without ``static_args``.
+#: The default weight-decay mask: parameters with ``ndim >= 2`` (the default of
+#: `slimoptax.slim_adamw`). A string, not the function, so that
+#: `optax.inject_hyperparams` (which takes every callable argument for a
+#: schedule) passes it through without ``static_args``.
 DEFAULT_MASK = "ndim>=2"
+
+
+def default_weight_decay_mask(params: Any) -> Any:
+  """Decay parameters with ``ndim >= 2`` (matrices, embeddings, kernels)."""
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
 def _mask(mask: Mask) -> Any:
@@ -92,16 +100,6 @@ def _decay(weight_decay: ArrayLike, mask: Mask) -> list[optax.GradientTransforma
   return [tx]
 
 
-def ema_momentum(beta: ArrayLike, *, accumulator_dtype: Any = None) -> optax.GradientTransformation:
-  """Heavy-ball momentum with dampening ``1 - beta``: ``m_k = beta m_{k-1} + (1 - beta) g_k``.
-
-  ``optax.trace`` accumulates ``t_k = beta t_{k-1} + g_k``; ``(1 - beta) t_k``
-  is the EMA (zero-initialised).
-  """
-  return optax.chain(optax.trace(decay=beta, accumulator_dtype=accumulator_dtype),
-                     optax.scale(1 - beta))
-
-
 def adamw(
     learning_rate: optax.ScalarOrSchedule,
     b1: ArrayLike = 0.9,
@@ -112,7 +110,7 @@ def adamw(
     clip_norm: ArrayLike | None = 1.0,
     mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
-  """Adam with decoupled weight decay and global clipping (the seed's Adam).
+  """Adam with decoupled weight decay and global clipping (Orvieto & Gower's Adam).
 
   ``u = -lr (m_hat / (sqrt(v_hat) + eps) + wd * w)`` on ``Gclip(g) = min(1,
   clip_norm / ||g||) g``, bias-corrected as PyTorch ``AdamW``.
@@ -147,10 +145,10 @@ def adam_equal_betas(
     clip_norm: ArrayLike | None = 1.0,
     mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
-  """Adam with ``b1 = b2 = beta``, the seed's recommendation (best in its Fig. 2: 0.95).
+  """Adam with ``b1 = b2 = beta``, Orvieto & Gower's recommendation (best in its Fig. 2: 0.95).
 
   See `adamw`. Its Adam step is ``scale_by_adavar(beta, beta, beta, eps,
-  bias_correction=True)`` (seed Prop. 1).
+  bias_correction=True)`` (Orvieto & Gower, Prop. 1).
   """
   return adamw(learning_rate, beta, beta, eps, weight_decay, clip_norm=clip_norm, mask=mask)
 
@@ -164,7 +162,7 @@ def rmsprop(
     clip_norm: ArrayLike | None = 1.0,
     mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
-  """RMSprop as the seed ran it: PyTorch ``AdamW`` with ``b1 = 0`` (so ``v`` is bias-corrected).
+  """RMSprop as Orvieto & Gower ran it: PyTorch ``AdamW`` with ``b1 = 0`` (so ``v`` is bias-corrected).
 
   ``u = -lr (g / (sqrt(v / (1 - b2^k)) + eps) + wd * w)``. Not `optax.rmsprop`
   (no bias correction, ``eps`` inside the root).
@@ -181,7 +179,7 @@ def signum(
     init: str = "zero",
     mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
-  """Signum: ``u = -lr (sign(EMA_beta[Gclip(g)]) + wd * w)`` (seed's best: beta 0.95, Gclip 1).
+  """Signum: ``u = -lr (sign(EMA_beta[Gclip(g)]) + wd * w)`` (Orvieto & Gower's best: beta 0.95, Gclip 1).
 
   Clipping happens before the EMA, so it changes Signum (App. A.1.1).
   """
@@ -226,9 +224,9 @@ def sgd(
 ) -> optax.GradientTransformation:
   """SGD with momentum (dampening ``1 - beta``): ``u = -lr (EMA_beta[g] + wd * w)``.
 
-  No clipping and no weight decay by default, as in the seed (App. A.1.1).
+  No clipping and no weight decay by default, as in Orvieto & Gower (App. A.1.1).
   """
-  return optax.chain(ema_momentum(beta), *_decay(weight_decay, mask),
+  return optax.chain(optax.ema(beta, debias=False), *_decay(weight_decay, mask),
                      optax.scale_by_learning_rate(learning_rate))
 
 
@@ -241,7 +239,7 @@ def sgd_gclip(
     mask: Mask = DEFAULT_MASK,
 ) -> optax.GradientTransformation:
   """SGD + Gclip: global-norm clipping *before* momentum, ``u = -lr EMA_beta[Gclip(g)]``."""
-  return optax.chain(optax.clip_by_global_norm(clip_norm), ema_momentum(beta),
+  return optax.chain(optax.clip_by_global_norm(clip_norm), optax.ema(beta, debias=False),
                      *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
 
 
@@ -256,9 +254,9 @@ def sgd_cclip(
 ) -> optax.GradientTransformation:
   """SGD + Cclip: coordinate clipping *after* momentum, ``u = -lr clip(EMA_beta[Gclip(g)], ±clip)``.
 
-  The seed runs it on globally clipped gradients (``clip_norm=1``, App. A.1.1).
+  Orvieto & Gower run it on globally clipped gradients (``clip_norm=1``, App. A.1.1).
   """
-  return optax.chain(*_gclip(clip_norm), ema_momentum(beta), optax.clip(clip),
+  return optax.chain(*_gclip(clip_norm), optax.ema(beta, debias=False), optax.clip(clip),
                      *_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
 
 
@@ -391,6 +389,53 @@ LADDER: dict[str, Callable[..., optax.GradientTransformation]] = {
 
 
 __all__ = [
-    "DEFAULT_MASK", "LADDER", "adafactor", "adafactor_momentum", "adam_equal_betas", "adamw", "ema_momentum",
-    "emasign", "lion", "rmsprop", "sgd", "sgd_cclip", "sgd_gclip", "signsgd", "signum", "sm3",
+    "DEFAULT_MASK", "LADDER", "adafactor", "adafactor_momentum", "adam_equal_betas", "adamw", "default_weight_decay_mask",
+    "emasign", "lion", "rmsprop", "sgd", "sgd_cclip", "sgd_gclip", "signsgd", "signum", "sm3", "sweep_tx", "train_sweep",
 ]
+
+
+# -----------------------------------------------------------------------------
+# Sweeps: K models of one ladder method, one vmapped step
+# -----------------------------------------------------------------------------
+
+
+def sweep_tx(method: str, fixed: dict, steps: int, warmup: int) -> Callable[[dict], optax.GradientTransformation]:
+  """``hparams -> LADDER[method](warmup_cosine(hparams["lr"], steps, warmup), **fixed, **others)``.
+
+  The schedule is Orvieto & Gower's (App. A): linear warm-up over ``warmup``
+  steps, cosine to 1e-5; the other hyperparameters (e.g. ``b1``, ``b2``) may be
+  traced, one per vmapped model.
+  """
+  constructor = LADDER[method]
+
+  def make(h):
+    extra = {k: v for k, v in h.items() if k != "lr"}
+    return constructor(warmup_cosine(h["lr"], steps, warmup), **{**fixed, **extra})
+
+  return make
+
+
+def train_sweep(model, method: str, fixed: dict, hparams: dict, *, train_tokens, val_tokens, steps: int,
+                batch_size: int, warmup: int, seed: int = 0, init_seeds=None, eval_every: int = 50,
+                eval_batches: int = 8, final_eval_batches: int | None = None, name: str = "",
+                log: Callable[[str], None] = print) -> dict:
+  """Trains K models in lock-step, model ``i`` with ``LADDER[method]`` at ``hparams[...][i]``.
+
+  Same initialisation (unless ``init_seeds``) and same batches for all; the
+  arithmetic per model is that of K separate runs, only the compilation is
+  shared. Intermediate validation losses on the first ``eval_batches``
+  contiguous validation batches, the final one on ``final_eval_batches`` (None:
+  all). Returns `experiments._lib.train.train`'s result with
+  ``final_val_loss`` a list of K floats (NaN for a diverged model).
+  """
+  seq_len = model.seq_len
+  result = train(
+      model, sweep_tx(method, fixed, steps, warmup), hparams=hparams, num_models=len(hparams["lr"]),
+      init_seeds=init_seeds, train_tokens=train_tokens, steps=steps, batch_size=batch_size, seed=seed,
+      val_batches=data.eval_batches(val_tokens, batch_size=batch_size, seq_len=seq_len,
+                                    max_batches=eval_batches),
+      final_val_batches=data.eval_batches(val_tokens, batch_size=batch_size, seq_len=seq_len,
+                                          max_batches=final_eval_batches),
+      eval_every=eval_every, log_fn=sweep_log_fn(name, steps, log))
+  result["final_val_loss"] = [v if math.isfinite(v) else float("nan") for v in result["final_val_loss"]]
+  return result
