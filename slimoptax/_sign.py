@@ -106,7 +106,7 @@ def scale_by_sign(
 
   Returns:
     A `optax.GradientTransformation` with state `ScaleBySignState`. Chain it
-    with `optax.scale_by_learning_rate` (see `slimoptax.ladder` for the full
+    with `optax.scale_by_learning_rate` (`experiments/_lib/ladder.py` builds the full
     optimizers with weight decay and clipping).
 
   Example:

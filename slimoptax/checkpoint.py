@@ -69,7 +69,7 @@ def saved_state_metadata(checkpointer: Any, path: Any) -> dict[str, tuple[tuple[
     path: the checkpoint directory, or the step for a manager.
 
   Returns:
-    A dict from ``"/"``-joined leaf path (as `slimoptax.labels.named_leaves`
+    A dict from ``"/"``-joined leaf path (as `slimoptax._tree.named_leaves`
     writes it: NamedTuple fields by name, tuple entries by index) to shape and
     dtype.
   """

@@ -1,4 +1,4 @@
-"""Tests of slimoptax.variance (AdaVar, Thm 4.1) against optax and numpy recursions of the seed."""
+"""Tests of AdaVar (Orvieto & Gower, In Search of Adam's Secret Sauce, 2025, Prop. 1, Thm 4.1) against optax and numpy recursions."""
 
 import os
 
@@ -65,7 +65,7 @@ def _np_adam(grads, b1, b2, eps=0.0, bias_correction=False):
 
 
 def _np_adavar(grads, beta, gamma, tau, eps=0.0):
-  """Seed eq. 12 / App. C.4 in float64: d = m / (sqrt(m^2 + gamma EMA_tau[(m_{k-1} - g_k)^2]) + eps)."""
+  """Eq. 12 / App. C.4 in float64: d = m / (sqrt(m^2 + gamma EMA_tau[(m_{k-1} - g_k)^2]) + eps)."""
   m = [np.zeros_like(x) for x in _leaves64(grads[0])]
   ema = [np.zeros_like(x) for x in m]
   out = []

@@ -1,4 +1,4 @@
-"""Tests of slimoptax.sign against optax and a numpy re-implementation of the seed's equations."""
+"""Tests of scale_by_sign against optax and a numpy re-implementation of Orvieto & Gower's equations (Table 1, §2)."""
 
 import os
 
@@ -50,7 +50,7 @@ def _run(tx, params, grads):
 
 
 def _np_ref(grads, *, mode, beta, eps=0.0, init="zero", in_sqrt=True):
-  """Numpy (float64) re-implementation of seed §2 / Fig. 4: returns [(d_k, m_k)] per leaf list."""
+  """Numpy (float64) re-implementation of Orvieto & Gower §2 / Fig. 4: returns [(d_k, m_k)] per leaf list."""
   gl = [[np.asarray(x, np.float64) for x in jax.tree.leaves(g)] for g in grads]
   m = [np.zeros_like(x) for x in gl[0]]
   out = []
