@@ -10,6 +10,7 @@ every transform reads per-parameter axes through.
 from slimoptax import layers
 from slimoptax import presets
 from slimoptax import rules
+from slimoptax import rules_io
 from slimoptax.layers import LAYER_TYPES
 from slimoptax.layers import Reshaped
 from slimoptax.layers import axis_roles
@@ -89,8 +90,10 @@ from slimoptax.memory import tree_bytes
 # Sharding and checkpoints.
 from slimoptax import checkpoint
 from slimoptax import sharding
+from slimoptax.checkpoint import CheckpointIntegrityError
 from slimoptax.checkpoint import StateMismatchError
 from slimoptax.checkpoint import restore_state
+from slimoptax.checkpoint import save_state
 from slimoptax.sharding import abstract_sharded_state
 from slimoptax.sharding import init_sharded
 from slimoptax.sharding import state_shardings
@@ -99,6 +102,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "CUBIC_COEFFS",
+    "CheckpointIntegrityError",
     "LAYER_TYPES",
     "MemoryReport",
     "MuonDimensionNumbers",
@@ -149,6 +153,7 @@ __all__ = (
     "resolve_factored_axes",
     "restore_state",
     "rules",
+    "rules_io",
     "scale_by_adafactor",
     "scale_by_adavar",
     "scale_by_factored_second_moment",
@@ -157,6 +162,7 @@ __all__ = (
     "scale_by_muon",
     "scale_by_muon_momentum",
     "scale_by_sign",
+    "save_state",
     "scale_by_slim_adam",
     "second_moments_kept",
     "sharding",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -86,29 +87,71 @@ def find_second_moment(opt_state: Any, params: Any) -> Any:
   """Finds Adam's second moment ``nu`` (a tree like ``params``) in an optax state.
 
   Works for `optax.scale_by_adam` / `optax.adamw` states and for
-  `slimoptax.scale_by_slim_adam` states, wherever they sit in a chain: the
-  first field named ``nu`` (`optax.tree.get_all_with_path`) whose leaves have
-  the parameters' paths.
+  `slimoptax.scale_by_slim_adam` states, wherever they sit in a chain, and
+  under `optax.masked` / `optax.partition`: every field named ``nu``
+  (`optax.tree.get_all_with_path`) whose leaves have the parameters' paths,
+  where a masked-out parameter holds an `optax.MaskedNode`. Each parameter
+  gets the first such field that holds an array for it.
+
+  Args:
+    opt_state: an optax state (arrays or `jax.ShapeDtypeStruct` s).
+    params: the parameters (only their paths are read).
+
+  Returns:
+    A tree with ``params``' structure: each parameter's second moment, or
+    `optax.MaskedNode` for a parameter that no ``nu`` covers (masked out of
+    every Adam in the state). When one ``nu`` covers every parameter, that
+    ``nu`` itself.
 
   Raises:
-    ValueError: if no field named ``nu`` with the parameters' structure exists.
+    ValueError: if no field named ``nu`` has the parameters' paths; the
+      message lists the kinds of state found and any ``nu`` of other paths.
 
   Example:
     >>> import jax.numpy as jnp, optax, slimoptax
-    >>> params = {"mlp": {"up": {"kernel": jnp.ones((4, 8))}}}
+    >>> params = {"mlp": {"up": {"kernel": jnp.ones((4, 8))}}, "ln": {"scale": jnp.ones(4)}}
     >>> state = slimoptax.slim_adamw(1e-3, compress="adalayer").init(params)
     >>> slimoptax.find_second_moment(state, params)["mlp"]["up"]["kernel"].shape
     (1, 1)
+    >>> masked = optax.masked(optax.adam(1e-3), {"mlp": {"up": {"kernel": True}}, "ln": {"scale": False}})
+    >>> slimoptax.find_second_moment(masked.init(params), params)["ln"]["scale"]
+    MaskedNode()
   """
   want = [p for p, _ in _tree.named_leaves(params)]
-  has_param_paths = lambda _, nu: [p for p, _ in _tree.named_leaves(nu)] == want
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  has_param_paths = lambda _, nu: [p for p, _ in _tree.named_leaves(nu, is_leaf=is_masked)] == want
   found = optax.tree.get_all_with_path(opt_state, "nu", has_param_paths)
-  if found:
+  if len(found) == 1 and not any(is_masked(x) for x in jax.tree.leaves(found[0][1], is_leaf=is_masked)):
     return found[0][1]
+  if found:
+    columns = [[x for _, x in _tree.named_leaves(nu, is_leaf=is_masked)] for _, nu in found]
+    merged = [next((x for x in col if not is_masked(x)), optax.MaskedNode()) for col in zip(*columns)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), merged)
+  others = [jax.tree_util.keystr(path) for path, _ in optax.tree.get_all_with_path(opt_state, "nu")]
+  other = (f"; fields `nu` at {others} have other paths than the parameters ({want[:3]}"
+           f"{' ...' if len(want) > 3 else ''})") if others else ""
   raise ValueError(
-      "no second moment `nu` with the parameters' paths in this optimizer state "
-      "(SNR tracking and memory reports need an Adam-family state)"
+      "no second moment `nu` with the parameters' paths in this optimizer state (SNR tracking "
+      "and memory reports need an Adam-family state: optax.adam / adamw or "
+      "slimoptax.scale_by_slim_adam, alone, chained, masked or partitioned); the state holds "
+      f"{_state_kinds(opt_state) or 'no optax states'}{other}"
   )
+
+
+def _state_kinds(tree: Any) -> list[str]:
+  """The names of the NamedTuple states in ``tree``, outermost first."""
+  names: list[str] = []
+
+  def visit(x):
+    if hasattr(x, "_fields") and type(x).__name__ not in names:
+      names.append(type(x).__name__)
+    children = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)[0]
+    if not (len(children) == 1 and children[0] is x):
+      for child in children:
+        visit(child)
+
+  visit(tree)
+  return names
 
 
 class SNRTracker:
@@ -120,11 +163,20 @@ class SNRTracker:
   `depth_average` the per-layer-type average of App. H; `plot_trajectories`
   and `plot_depth` draw them.
 
+  Parameters that the state holds no second moment for (masked out by
+  `optax.masked` / `optax.partition`, see `find_second_moment`) are skipped:
+  the first measurement warns, names them in ``skipped`` and drops them from
+  ``history``, so `time_average` and `derive_rules` cover the tracked ones.
+
   Args:
     params: the parameters (or their shapes), for paths and candidates.
     every: measure when ``step % every == 0``.
     steps: extra steps to measure (e.g. ``(1,)`` as the authors did).
     candidates: optional ``{path: [axes, ...]}`` overriding `candidate_axes`.
+
+  Raises:
+    ValueError: from `measure` / `record`, when the state holds no Adam
+      second moment at all (see `find_second_moment`).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, slimoptax
@@ -162,6 +214,7 @@ class SNRTracker:
     self.history: dict[str, dict[tuple[int, ...], list[tuple[int, float]]]] = {
         p: {c: [] for c in cs} for p, cs in self.candidates.items()
     }
+    self.skipped: tuple[str, ...] = ()
     self._measure = jax.jit(self._measure_impl)
 
   def should_measure(self, step: int) -> bool:
@@ -176,6 +229,15 @@ class SNRTracker:
   def measure(self, opt_state: Any) -> dict[str, dict[tuple[int, ...], float]]:
     """SNR of every candidate for the current state (no recording)."""
     nu = find_second_moment(opt_state, self._template)
+    masked = [p for p, x in _tree.named_leaves(nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+              if isinstance(x, optax.MaskedNode) and p not in self.skipped]
+    if masked:
+      warnings.warn(
+          f"SNRTracker: no second moment for {len(masked)} parameter(s) in this state (masked out "
+          f"by optax.masked / optax.partition); skipped: {masked}", stacklevel=3)
+      self.skipped += tuple(masked)
+      for p in masked:
+        self.history.pop(p, None)
     values = jax.device_get(self._measure(nu))
     return {p: {c: float(x) for c, x in zip(self.candidates[p], values[p])} for p in values}
 

@@ -42,9 +42,20 @@ def tree_bytes(tree: Any) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryRow:
+  """One parameter's second moment.
+
+  Attributes:
+    path: the parameter's ``"/"``-joined path.
+    param_shape: its shape.
+    nu_shape: its second moment's shape; ``None`` when the state holds none
+      for it (masked out by `optax.masked` / `optax.partition`).
+    entries: second-moment entries (0 without one).
+    nbytes: second-moment bytes (0 without one).
+  """
+
   path: str
   param_shape: tuple[int, ...]
-  nu_shape: tuple[int, ...]
+  nu_shape: tuple[int, ...] | None
   entries: int
   nbytes: int
 
@@ -57,9 +68,12 @@ class MemoryReport:
     rows: one `MemoryRow` per parameter (path, shapes, entries, bytes).
     entries: total second-moment entries.
     nbytes: total second-moment bytes.
-    adam_entries: entries Adam would keep (number of parameters).
-    adam_nbytes: bytes Adam would keep at the parameters' dtypes.
+    adam_entries: entries Adam would keep for the parameters that have a
+      second moment (their number of entries).
+    adam_nbytes: bytes Adam would keep for them at the parameters' dtypes.
     state_nbytes: bytes of the whole optimizer state.
+    no_second_moment: paths of the parameters the state holds no second
+      moment for (masked out by `optax.masked` / `optax.partition`).
   """
 
   rows: tuple[MemoryRow, ...]
@@ -68,6 +82,7 @@ class MemoryReport:
   adam_entries: int
   adam_nbytes: int
   state_nbytes: int
+  no_second_moment: tuple[str, ...] = ()
 
   @property
   def fraction_saved(self) -> float:
@@ -76,7 +91,8 @@ class MemoryReport:
 
   def __str__(self) -> str:
     header = ("path", "param shape", "second moment", "entries", "bytes")
-    body = [(r.path, str(r.param_shape), str(r.nu_shape), f"{r.entries:,}", f"{r.nbytes:,}") for r in self.rows]
+    body = [(r.path, str(r.param_shape), "no second moment" if r.nu_shape is None else str(r.nu_shape),
+             f"{r.entries:,}", f"{r.nbytes:,}") for r in self.rows]
     body.append(("TOTAL", "", "", f"{self.entries:,}", f"{self.nbytes:,}"))
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(5)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -85,15 +101,21 @@ class MemoryReport:
         f"second moments: {self.entries:,} of Adam's {self.adam_entries:,} "
         f"({self.fraction_saved:.2%} saved); optimizer state {self.state_nbytes:,} bytes"
     )
+    if self.no_second_moment:
+      lines.append(
+          f"no second moment (masked out) for {len(self.no_second_moment)} parameter(s), not "
+          f"counted above: {', '.join(self.no_second_moment)}")
     return "\n".join(lines)
 
 
 def memory_report(opt_state: Any, params: Any) -> MemoryReport:
   """Second-moment entries and bytes of ``opt_state``, per leaf and total.
 
-  The second moment is the first field named ``nu`` with the parameters' tree
-  structure (`optax.scale_by_adam`, `slimoptax.scale_by_slim_adam`, ...), as
-  `slimoptax.find_second_moment` finds it.
+  The second moment is found by `slimoptax.find_second_moment`: fields named
+  ``nu`` with the parameters' paths (`optax.scale_by_adam`,
+  `slimoptax.scale_by_slim_adam`, ...), also under `optax.masked` and
+  `optax.partition`. A parameter masked out of every Adam gets a row with no
+  second moment and is left out of the totals and of Adam's count.
 
   Args:
     opt_state: an optax state (may be abstract, from `jax.eval_shape`).
@@ -101,6 +123,10 @@ def memory_report(opt_state: Any, params: Any) -> MemoryReport:
 
   Returns:
     A `MemoryReport`; ``print`` it for a table.
+
+  Raises:
+    ValueError: if the state holds no Adam second moment at all, naming the
+      kinds of state it holds.
 
   Example:
     >>> import jax.numpy as jnp, slimoptax
@@ -111,16 +137,22 @@ def memory_report(opt_state: Any, params: Any) -> MemoryReport:
     16 of 264: 93.94% saved
   """
   nu = _snr.find_second_moment(opt_state, params)
-  rows = []
-  for (path, p), (_, v) in zip(_tree.named_leaves(params), _tree.named_leaves(nu)):
-    rows.append(MemoryRow(path, tuple(np.shape(p)), tuple(np.shape(v)), math.prod(np.shape(v)), _nbytes(v)))
+  nu_leaves = _tree.named_leaves(nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  rows, covered = [], []
+  for (path, p), (_, v) in zip(_tree.named_leaves(params), nu_leaves):
+    if isinstance(v, optax.MaskedNode):
+      rows.append(MemoryRow(path, tuple(np.shape(p)), None, 0, 0))
+    else:
+      covered.append(p)
+      rows.append(MemoryRow(path, tuple(np.shape(p)), tuple(np.shape(v)), math.prod(np.shape(v)), _nbytes(v)))
   return MemoryReport(
       rows=tuple(rows),
       entries=sum(r.entries for r in rows),
       nbytes=sum(r.nbytes for r in rows),
-      adam_entries=sum(math.prod(r.param_shape) for r in rows),
-      adam_nbytes=sum(_nbytes(p) for p in jax.tree_util.tree_leaves(params)),
+      adam_entries=sum(math.prod(r.param_shape) for r in rows if r.nu_shape is not None),
+      adam_nbytes=sum(_nbytes(p) for p in covered),
       state_nbytes=tree_bytes(opt_state),
+      no_second_moment=tuple(r.path for r in rows if r.nu_shape is None),
   )
 
 

@@ -38,7 +38,7 @@ from typing import Any, Union
 import jax
 import numpy as np
 
-from slimoptax._tree import is_param_like, leaves_like, named_leaves, shape_of
+from slimoptax._tree import is_param_like, leaves_like, named_leaves, path_str, shape_of
 from slimoptax.layers import LAYER_TYPES, ROLE_NAMES, Reshaped, axis_roles
 
 Axes = tuple[int, ...]
@@ -92,7 +92,14 @@ class Rule:
     elif axes != UNSUPPORTED:
       raise ValueError(f"rule {self.pattern!r}: axes must be a tuple, got {axes!r}")
     object.__setattr__(self, "axes", axes)
-    re.compile(self.pattern)
+    if not isinstance(self.pattern, str) or not isinstance(self.label, str):
+      raise TypeError(f"rule (pattern={self.pattern!r}, label={self.label!r}): pattern and label "
+                      "must be strings")
+    try:
+      re.compile(self.pattern)
+    except re.error as err:
+      raise ValueError(f"rule (pattern={self.pattern!r}, label={self.label!r}): invalid regular "
+                       f"expression: {err}") from None
 
   def matches(self, path: str, ndim: int | None = None) -> bool:
     """Whether the rule applies to a parameter with this path (and rank)."""
@@ -121,7 +128,7 @@ class Rules:
 
   def __init__(self, rules: Iterable[Rule | Sequence[Any]] = (), *, name: str = "custom",
                num_heads: int | None = None):
-    self.rules: tuple[Rule, ...] = tuple(r if isinstance(r, Rule) else Rule(*r) for r in rules)
+    self.rules: tuple[Rule, ...] = tuple(_as_rule(i, r) for i, r in enumerate(rules))
     self.name = name
     self.num_heads = num_heads
 
@@ -219,17 +226,9 @@ class Rules:
   # -- serialisation -----------------------------------------------------------
 
   def to_dict(self) -> dict[str, Any]:
-    return {
-        "format": "slimoptax.rules/v1",
-        "name": self.name,
-        "num_heads": self.num_heads,
-        "rules": [
-            {"pattern": r.pattern, "label": r.label,
-             "axes": r.axes if isinstance(r.axes, str) else list(r.axes),
-             "warn_unused": r.warn_unused, "min_ndim": r.min_ndim, "max_ndim": r.max_ndim}
-            for r in self.rules
-        ],
-    }
+    """The structured JSON form (``"format": "slimoptax.rules/v1"``), read back by `from_dict`."""
+    from slimoptax.rules_io import rules_to_dict  # the JSON I/O builds Rules: imported here
+    return rules_to_dict(self)
 
   def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
     """Serialises to JSON (and writes it to ``path`` if given)."""
@@ -241,32 +240,15 @@ class Rules:
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> "Rules":
-    """Reads `to_dict` output, or a flat ``{name: [axes] | null}`` mapping.
-
-    The flat form is the one the SlimAdam authors publish: each key is an exact
-    parameter name; ``null`` means no compression.
-    """
-    if data.get("format") == "slimoptax.rules/v1":
-      return cls(
-          [Rule(r["pattern"], r["label"], r["axes"] if isinstance(r["axes"], str) else tuple(r["axes"]),
-                r.get("warn_unused", True), r.get("min_ndim", 0), r.get("max_ndim"))
-           for r in data["rules"]],
-          name=data.get("name", "custom"), num_heads=data.get("num_heads"))
-    rules = []
-    for name, axes in data.items():
-      if axes is not None and not isinstance(axes, (list, tuple)):
-        raise ValueError(f"rule for {name!r}: expected a list of axes or null, got {axes!r}")
-      rules.append(Rule(exact_pattern(name), name, tuple(axes or ())))
-    return cls(rules, name="mapping")
+    """Reads `to_dict` output or a flat ``{name: [axes] | null}`` mapping; see `slimoptax.rules_io`."""
+    from slimoptax.rules_io import rules_from_dict
+    return rules_from_dict(data)
 
   @classmethod
   def from_json(cls, path_or_text: str) -> "Rules":
-    """Loads rules from a JSON file path or a JSON string."""
-    text = path_or_text
-    if not path_or_text.lstrip().startswith("{"):
-      with open(path_or_text) as f:
-        text = f.read()
-    return cls.from_dict(json.loads(text))
+    """Loads a JSON file, or JSON text (stripped, it starts with ``{`` or ``[``); see `slimoptax.rules_io`."""
+    from slimoptax.rules_io import rules_from_json
+    return rules_from_json(path_or_text)
 
   def as_mapping(self) -> dict[str, list[int] | None]:
     """The flat ``{label: [axes] | None}`` form (``None`` for no compression)."""
@@ -276,6 +258,14 @@ class Rules:
         raise ValueError(f"rule {r.pattern!r} has semantic axes {r.axes}; resolve them first")
       out[r.label] = list(r.axes) if r.axes else None
     return out
+
+
+def _as_rule(i: int, r: Any) -> Rule:
+  if isinstance(r, Rule):
+    return r
+  if not isinstance(r, (tuple, list)) or not 2 <= len(r) <= 6:
+    raise TypeError(f"rule {i}: expected a Rule or a (pattern, label, axes) tuple, got {r!r}")
+  return Rule(*r)
 
 
 def exact_pattern(name: str) -> str:
@@ -378,8 +368,6 @@ def _pct(a: int, b: int) -> str:
   return f"{100.0 * a / b:.3f}%" if b else "n/a"
 
 
-
-
 # --------------------------------------------------------------------------
 # The one resolver of per-parameter arguments.
 # --------------------------------------------------------------------------
@@ -413,8 +401,42 @@ def _is_rules_like(spec: Any, params: Any) -> bool:
     return spec.get("format") == "slimoptax.rules/v1" or all(
         v is None or (isinstance(v, list) and all(isinstance(a, (int, np.integer, str)) for a in v))
         for v in spec.values())
-  return (isinstance(spec, list) and bool(spec) and isinstance(spec[0], (Rule, tuple))
-          and not is_param_like(spec, params))
+  first = spec[0] if isinstance(spec, list) and spec else None  # a Rule or (pattern, label, ...)
+  return (isinstance(first, Rule) or isinstance(first, tuple) and bool(first)
+          and isinstance(first[0], str)) and not is_param_like(spec, params)
+
+
+def _child(node: Any, key: Any) -> Any:
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  return getattr(node, key.name) if isinstance(key, jax.tree_util.GetAttrKey) else node[key.key]
+
+
+def _check_lists(params: Any, spec: Any, what: str) -> None:
+  """Raises a path-named error where ``spec``'s lists / tuples do not line up with ``params``' nodes."""
+  for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    pnode, node = params, spec
+    for depth, key in enumerate(key_path):
+      at = f"{what} at {path_str(key_path[:depth])!r}" if depth else f"{what} at the top level"
+      ours = f"(parameter {path_str(key_path)!r})"
+      lists = "give axes as tuples (lists are pytree nodes)" if isinstance(node, list) else ""
+      if _is_axes(node):
+        raise ValueError(f"{at} is the axes {node!r}, but the parameters there are a "
+                         f"{type(pnode).__name__}, not one array {ours}: give one entry per "
+                         f"parameter{'; ' + lists if lists else ''}")
+      if (isinstance(pnode, (list, tuple)) and isinstance(node, (list, tuple))
+          and isinstance(pnode, list) != isinstance(node, list)):
+        raise ValueError(f"{at} is a {type(node).__name__} where the parameters have a "
+                         f"{type(pnode).__name__} {ours}: {lists or 'give lists as in the parameters'}")
+      try:
+        pnode, node = _child(pnode, key), _child(node, key)
+      except (KeyError, IndexError, AttributeError, TypeError):
+        break  # another mismatch: `leaves_like` names it
+
+
+def _is_axes(node: Any) -> bool:
+  return (isinstance(node, (list, tuple)) and not hasattr(node, "_fields") and bool(node)
+          and all(isinstance(a, (int, np.integer)) for a in node))
 
 
 LeafFn = Callable[[str, tuple[int, ...]], Any]
@@ -498,6 +520,8 @@ def resolve_tree(
     if callable(spec):
       spec = spec(params)
       continue
+    if not is_param_like(spec, params):
+      _check_lists(params, spec, what)
     per_leaf = leaves_like(params, spec, what=what)
     return [(p, s, check_leaf(p, s, a)) for (p, s), a in zip(shapes, per_leaf)]
   raise ValueError(f"{what}: {spec!r} does not resolve to per-parameter entries")
@@ -556,7 +580,8 @@ def validate_axes(path: str, shape: tuple[int, ...], spec: Any, *, what: str = "
   if isinstance(spec, (int, np.integer)):
     spec = (int(spec),)
   if not isinstance(spec, (tuple, list)) or not all(isinstance(a, (int, np.integer)) for a in spec):
-    raise ValueError(f"{what} for {path!r}: expected a tuple of int axes, got {spec!r}")
+    hint = " (give axes as tuples: lists are pytree nodes)" if isinstance(spec, list) else ""
+    raise ValueError(f"{what} for {path!r}: expected a tuple of int axes, got {spec!r}{hint}")
   out = []
   for a in spec:
     if not -ndim <= a < ndim:

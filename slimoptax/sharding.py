@@ -76,6 +76,18 @@ def _entries(spec: PartitionSpec, ndim: int, path: str) -> list[Any]:
   return entries + [None] * (ndim - len(entries))
 
 
+def _check_divides(path: str, shape: tuple[int, ...], sharding: NamedSharding) -> None:
+  """Refuses a parameter spec whose mesh axes do not divide the dimension (as `jax.device_put`)."""
+  entries = _entries(sharding.spec, len(shape), path)
+  for dim, (size, entry) in enumerate(zip(shape, entries)):
+    n = _axis_size(sharding.mesh, entry)
+    if size % n:
+      raise ValueError(
+          f"sharding of parameter {path!r}: dimension {dim} (size {size}) is not divisible by "
+          f"mesh axis {entry!r} (size {n}) of spec {sharding.spec}; JAX cannot place the "
+          "parameter with this sharding either")
+
+
 def _axis_size(mesh: Any, entry: Any) -> int:
   if entry is None:
     return 1
@@ -265,7 +277,11 @@ def state_shardings(
 
   Raises:
     ValueError: naming the parameter path when a sharding is missing or does
-      not fit the parameter, or when no mesh can be found.
+      not fit the parameter (a spec longer than its rank, or a mesh axis that
+      does not divide its dimension: naming the dimension and the axis), or
+      when no mesh can be found. Only the parameters' own specs are checked:
+      a state leaf whose reduced dimension no longer divides gets ``None``
+      there (`reduced_spec`).
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, slimoptax
@@ -277,12 +293,18 @@ def state_shardings(
     >>> shardings = slimoptax.state_shardings(tx, params, param_shardings)
     >>> shardings[0].nu["mlp"]["up"]["kernel"].spec == P("data", None)  # nu (16, 1): fan_out averaged
     True
+    >>> mesh8 = jax.sharding.AbstractMesh((2, 4), ("data", "model"))
+    >>> slimoptax.state_shardings(tx, {"w": jax.ShapeDtypeStruct((16, 6), jnp.float32)},
+    ...                           {"w": P("data", "model")}, mesh=mesh8)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: sharding of parameter 'w': dimension 1 (size 6) is not divisible by mesh axis 'model' (size 4) ...
   """
   shardings = _param_shardings_list(params, param_shardings, mesh)
   named = _tree.named_leaves(params)
   shapes = [tuple(int(s) for s in jnp.shape(p)) for _, p in named]
   for (path, _), shape, s in zip(named, shapes, shardings):
-    _entries(s.spec, len(shape), path)
+    _check_divides(path, shape, s)
   if mesh is None:
     if not shardings:
       raise ValueError(
@@ -350,6 +372,10 @@ def init_sharded(
   Returns:
     The optimizer state, every leaf a `jax.Array` with the sharding of
     `state_shardings`.
+
+  Raises:
+    ValueError: see `state_shardings` (e.g. a parameter whose mesh axis does
+      not divide its dimension, naming the parameter, dimension and axis).
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, slimoptax

@@ -7,6 +7,7 @@ mesh; tests/test_multiprocess.py from two processes.)
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -205,3 +206,199 @@ def test_saved_metadata_paths_match_named_leaves(tmp_path):
   checkpointer, ckpt = _save(tmp_path, state)
   saved = slimoptax.checkpoint.saved_state_metadata(checkpointer, ckpt)
   assert saved == {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in named_leaves(state)}
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints that cannot be read: orbax's own error, never a "compression rules" mismatch.
+# ---------------------------------------------------------------------------
+
+
+def _random_state(seed=0):
+  """A slim_adamw state with random (incompressible) moments, big enough for a real data chunk."""
+  rng = np.random.default_rng(seed)
+  params = {"dense": {"kernel": jnp.zeros((256, 128))}, "bias": jnp.zeros((128,))}
+  tx = slimoptax.slim_adamw(1e-2)
+  state = jax.tree.map(
+      lambda x: x + jnp.asarray(rng.normal(size=x.shape), x.dtype) if x.ndim else x + 3,
+      tx.init(params))
+  return state, slimoptax.abstract_state(tx, params)
+
+
+def _saved(tmp_path, name="ckpt"):
+  state, target = _random_state()
+  checkpointer = ocp.StandardCheckpointer()
+  path = tmp_path / name
+  checksums = slimoptax.checkpoint.save_state(checkpointer, path, state)
+  return checkpointer, path, state, target, checksums
+
+
+def _data_files(path):
+  """The tensorstore (OCDBT) data files of a checkpoint, largest (the array chunks) first."""
+  files = [f for f in path.rglob("*") if f.is_file() and f.parent.name == "d"]
+  assert files, sorted(str(f) for f in path.rglob("*"))
+  return sorted(files, key=lambda f: f.stat().st_size, reverse=True)
+
+
+def _not_a_mismatch(err):
+  assert not isinstance(err.value, slimoptax.StateMismatchError), err.value
+  assert "compression rules" not in str(err.value)
+
+
+def test_save_state_writes_checksums_and_restores_verified(tmp_path):
+  checkpointer, path, state, target, checksums = _saved(tmp_path)
+  assert checksums == path / slimoptax.checkpoint.CHECKSUM_FILE and checksums.exists()
+  content = json.loads(checksums.read_text())
+  assert content["algorithm"] == "sha256"
+  assert set(content["leaves"]) == {p for p, _ in named_leaves(state)}
+  restored = slimoptax.restore_state(checkpointer, path, target)  # verified by default
+  assert _bitwise_equal(restored, state)
+  assert _bitwise_equal(slimoptax.restore_state(checkpointer, path, target, verify=True), state)
+  # Still a plain orbax checkpoint: orbax alone restores it (the JSON file is ignored).
+  assert _bitwise_equal(ocp.StandardCheckpointer().restore(path, target), state)
+
+
+def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  state, target = _random_state()
+  checkpointer = ocp.StandardCheckpointer()
+  checksums = slimoptax.checkpoint.save_state(checkpointer, "rel/ckpt", state)
+  assert str(checksums) == str(tmp_path / "rel" / "ckpt" / slimoptax.checkpoint.CHECKSUM_FILE)
+  assert _bitwise_equal(slimoptax.restore_state(checkpointer, "rel/ckpt", target), state)
+  # Saved by orbax directly (absolute path), restored by a relative one.
+  _save(tmp_path, state, name="plain")
+  assert _bitwise_equal(slimoptax.restore_state(checkpointer, "plain", target), state)
+  assert slimoptax.checkpoint.saved_state_metadata(checkpointer, "plain")["0/count"][0] == ()
+
+
+def test_missing_path_raises_orbax_not_found(tmp_path):
+  _, target = _random_state()
+  with pytest.raises(FileNotFoundError, match="not found") as err:
+    slimoptax.restore_state(ocp.StandardCheckpointer(), tmp_path / "nope", target)
+  _not_a_mismatch(err)
+  with pytest.raises(FileNotFoundError, match="no metadata"):
+    slimoptax.checkpoint.saved_state_metadata(ocp.StandardCheckpointer(), tmp_path / "nope")
+
+
+def test_empty_directory_raises_orbax_error(tmp_path):
+  (tmp_path / "empty").mkdir()
+  _, target = _random_state()
+  with pytest.raises(FileNotFoundError, match="_METADATA") as err:
+    slimoptax.restore_state(ocp.StandardCheckpointer(), tmp_path / "empty", target)
+  _not_a_mismatch(err)
+
+
+def test_deleted_metadata_raises_orbax_error(tmp_path):
+  checkpointer, path, _, target, _ = _saved(tmp_path)
+  (path / "_METADATA").unlink()
+  with pytest.raises(FileNotFoundError, match="_METADATA") as err:
+    slimoptax.restore_state(checkpointer, path, target)
+  _not_a_mismatch(err)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax threads
+@pytest.mark.parametrize("damage", ["truncate", "delete", "delete_all"])
+def test_truncated_or_deleted_data_files_raise_orbax_error(tmp_path, damage):
+  checkpointer, path, _, target, _ = _saved(tmp_path)
+  files = _data_files(path)
+  if damage == "truncate":
+    with open(files[0], "r+b") as f:
+      f.truncate(files[0].stat().st_size // 2)
+  else:
+    for f in files[:1] if damage == "delete" else files:
+      f.unlink()
+  with pytest.raises(Exception) as err:  # noqa: B017 (orbax / tensorstore's own error)
+    slimoptax.restore_state(checkpointer, path, target)
+  _not_a_mismatch(err)
+  assert not isinstance(err.value, slimoptax.checkpoint.CheckpointIntegrityError)
+
+
+def _flip(file, fractions, n=8):
+  data = bytearray(file.read_bytes())
+  for frac in fractions:
+    at = int(len(data) * frac)
+    for k in range(at, at + n):
+      data[k] ^= 0xFF
+  file.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_chunk_are_detected(tmp_path):
+  checkpointer, path, state, target, _ = _saved(tmp_path)
+  _flip(_data_files(path)[0], [0.3, 0.7])
+  # Without the check orbax restores the corrupted values silently ...
+  silent = slimoptax.restore_state(checkpointer, path, target, verify=False)
+  changed = sorted(p for (p, a), (_, b) in zip(named_leaves(silent), named_leaves(state))
+                   if not np.array_equal(a, b))
+  assert changed, "the flipped bytes changed no value: the test did not hit a data chunk"
+  # ... with it (the default), every corrupted leaf is named.
+  with pytest.raises(slimoptax.checkpoint.CheckpointIntegrityError) as err:
+    slimoptax.restore_state(checkpointer, path, target)
+  msg = str(err.value)
+  assert "corrupted" in msg and "sha256 mismatch" in msg
+  named = sorted(p for p, _ in named_leaves(state) if f"'{p}':" in msg)
+  assert named == changed, (named, changed, msg)
+  assert isinstance(err.value, OSError) and not isinstance(err.value, ValueError)
+
+
+def test_verify_true_requires_the_checksum_file(tmp_path):
+  state, target = _random_state()
+  checkpointer, path = _save(tmp_path, state)  # plain orbax save: no checksums
+  assert _bitwise_equal(slimoptax.restore_state(checkpointer, path, target), state)
+  with pytest.raises(FileNotFoundError, match="verify=True.*slimoptax_checksums.json"):
+    slimoptax.restore_state(checkpointer, path, target, verify=True)
+
+
+def test_unreadable_or_foreign_checksum_file(tmp_path):
+  checkpointer, path, state, target, checksums = _saved(tmp_path)
+  content = json.loads(checksums.read_text())
+  content["leaves"]["0/extra"] = {"shape": [], "dtype": "float32", "sha256": "0" * 64}
+  checksums.write_text(json.dumps(content))
+  with pytest.raises(slimoptax.checkpoint.CheckpointIntegrityError,
+                     match="'0/extra': has a checksum but is not in the checkpoint"):
+    slimoptax.restore_state(checkpointer, path, target)
+  checksums.write_text("{not json")
+  with pytest.raises(slimoptax.checkpoint.CheckpointIntegrityError, match="cannot be read"):
+    slimoptax.restore_state(checkpointer, path, target)
+  assert _bitwise_equal(slimoptax.restore_state(checkpointer, path, target, verify=False), state)
+
+
+def test_mismatch_is_still_reported_before_restoring(tmp_path):
+  checkpointer, path, _, _, _ = _saved(tmp_path)
+  params = {"dense": {"kernel": jnp.zeros((256, 128))}, "bias": jnp.zeros((128,))}
+  other = slimoptax.abstract_state(slimoptax.slim_adamw(1e-2, compress="slimadam"), params)
+  with pytest.raises(slimoptax.StateMismatchError,
+                     match=r"'0/nu/dense/kernel': saved with shape \(256, 128\)"):
+    slimoptax.restore_state(checkpointer, path, other)
+
+
+def test_dtype_change_skips_the_changed_leaves(tmp_path):
+  checkpointer, path, state, _, _ = _saved(tmp_path)
+  params = {"dense": {"kernel": jnp.zeros((256, 128))}, "bias": jnp.zeros((128,))}
+  target = slimoptax.abstract_state(slimoptax.slim_adamw(1e-2, nu_dtype=jnp.bfloat16), params)
+  restored = slimoptax.restore_state(checkpointer, path, target, allow_dtype_change=True)
+  assert restored[0].nu["dense"]["kernel"].dtype == jnp.bfloat16
+  assert _bitwise_equal(restored[0].mu, state[0].mu)
+
+
+def test_typed_prng_keys_are_checksummed(tmp_path):
+  tree = {"key": jax.random.key(3), "x": jnp.arange(4.0)}
+  sums = slimoptax.checkpoint.leaf_checksums(tree)
+  assert sums["key"]["sha256"] and sums["key"]["dtype"] == "uint32"
+  assert sums != slimoptax.checkpoint.leaf_checksums({"key": jax.random.key(4), "x": tree["x"]})
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax threads
+def test_checkpoint_manager_save_state_verifies(tmp_path):
+  state, target = _random_state()
+  with ocp.CheckpointManager(tmp_path / "run") as manager:
+    for t in range(2):
+      checksums = slimoptax.checkpoint.save_state(manager, t, jax.tree.map(lambda x: x + t, state))
+      assert checksums is not None and checksums.exists()
+    assert _bitwise_equal(slimoptax.restore_state(manager, 1, target),
+                          jax.tree.map(lambda x: x + 1, state))
+    _flip(_data_files(tmp_path / "run" / "1")[0], [0.3, 0.7])
+    with pytest.raises(slimoptax.checkpoint.CheckpointIntegrityError, match="checkpoint step 1"):
+      slimoptax.restore_state(manager, 1, target)
+    assert _bitwise_equal(slimoptax.restore_state(manager, 0, target), state)
+    with pytest.raises(Exception) as err:  # noqa: B017 (orbax's error for an unknown step)
+      slimoptax.restore_state(manager, 7, target)
+    _not_a_mismatch(err)

@@ -44,3 +44,29 @@ def test_layer_norms_match_numpy():
     np.testing.assert_allclose(norms[k]["weight"], np.linalg.norm(np.asarray(params[k])), rtol=1e-6)
     np.testing.assert_allclose(norms[k]["grad"], np.linalg.norm(np.asarray(grads[k])), rtol=1e-6)
     np.testing.assert_allclose(norms[k]["update"], 0.1 * np.linalg.norm(np.asarray(grads[k])), rtol=1e-6)
+
+
+def test_memory_report_of_masked_and_partitioned_adam():
+  params = {"mlp": {"up": {"kernel": jnp.ones((8, 32))}}, "ln": {"scale": jnp.ones(8)}}
+  mask = {"mlp": {"up": {"kernel": True}}, "ln": {"scale": False}}
+  for tx in (optax.masked(optax.adam(1e-3), mask),
+             optax.chain(optax.masked(slimoptax.slim_adamw(1e-3, compress="slimadam"), mask)),
+             optax.partition({"a": slimoptax.slim_adamw(1e-3, compress="slimadam"), "b": optax.sgd(1e-3)},
+                             {"mlp": {"up": {"kernel": "a"}}, "ln": {"scale": "b"}})):
+    report = slimoptax.memory_report(tx.init(params), params)
+    rows = {r.path: r for r in report.rows}
+    assert rows["ln/scale"].nu_shape is None and rows["ln/scale"].entries == 0
+    assert report.no_second_moment == ("ln/scale",)
+    assert report.adam_entries == 256 and report.adam_nbytes == 256 * 4  # the unmasked kernel only
+    assert report.entries == rows["mlp/up/kernel"].entries in (256, 8)
+    text = str(report)
+    assert "no second moment" in text and "masked out) for 1 parameter(s), not counted above: ln/scale" in text
+    abstract = slimoptax.memory_report(jax.eval_shape(tx.init, params), params)
+    assert abstract.entries == report.entries and abstract.no_second_moment == ("ln/scale",)
+
+
+def test_memory_report_without_adam_names_the_states():
+  import pytest
+  params = {"w": jnp.ones((4, 4))}
+  with pytest.raises(ValueError, match=r"need an Adam-family state.*the state holds \['TraceState'"):
+    slimoptax.memory_report(optax.sgd(1e-3, momentum=0.9).init(params), params)

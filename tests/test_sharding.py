@@ -346,3 +346,32 @@ def test_readme_sections_are_the_tested_docs():
   readme_blocks = doc_code_blocks(readme)
   doc_blocks = doc_code_blocks(DOCS)
   assert doc_blocks and all(block in readme_blocks for block in doc_blocks)
+
+
+def test_a_mesh_axis_that_does_not_divide_the_parameter_is_refused():
+  """As jax.device_put refuses to place the parameter: path, dimension and axis named."""
+  mesh = jax.sharding.AbstractMesh((2, 4), ("data", "model"))
+  params = {"mlp": {"up": {"kernel": _ab(16, 6)}}, "b": _ab(8)}
+  tx = slimoptax.slim_adamw(1e-2, compress="slimadam")
+  bad = {"mlp": {"up": {"kernel": P("data", "model")}}, "b": P("model")}
+  msg = r"parameter 'mlp/up/kernel': dimension 1 \(size 6\) is not divisible by mesh axis 'model' \(size 4\)"
+  with pytest.raises(ValueError, match=msg):
+    sh.state_shardings(tx, params, bad, mesh=mesh)
+  with pytest.raises(ValueError, match=msg):
+    sh.init_sharded(tx, params, bad, mesh=mesh)
+  with pytest.raises(ValueError, match=msg):
+    sh.abstract_sharded_state(tx, params, bad, mesh=mesh)
+  # A tuple of axes: their product (8) must divide.
+  with pytest.raises(ValueError, match=r"'b': dimension 0 \(size 12\).*\('data', 'model'\) \(size 8\)"):
+    sh.state_shardings(tx, {"b": _ab(12)}, {"b": P(("data", "model"))}, mesh=mesh)
+  # Concrete (placed) parameters go through the same check.
+  one = jax.make_mesh((1,), ("x",))
+  with pytest.raises(ValueError, match="'w'.*rank 1"):
+    sh.init_sharded(tx, {"w": jnp.zeros(3)}, {"w": P("x", None)}, mesh=one)
+
+
+def test_state_leaves_that_no_longer_divide_still_get_none():
+  """Only the parameter's own spec is validated; a reduced state dimension is dropped (by design)."""
+  mesh = types.SimpleNamespace(shape={"data": 2, "model": 4})
+  assert sh.reduced_spec((1, 8), (8, 8), P("data", "model"), mesh) == P(None, "model")
+  sh._check_divides("w", (8, 8), types.SimpleNamespace(mesh=mesh, spec=P("data", "model")))

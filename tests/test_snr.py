@@ -122,3 +122,63 @@ def test_tracker_reads_slim_adam_state_inside_a_chain():
   got = tracker.measure(state)["w"][(0,)]
   nu = np.asarray(snr_lib.find_second_moment(state, params)["w"])
   np.testing.assert_allclose(got, numpy_snr(nu, (0,)), rtol=1e-5)
+
+
+# --- Masked and partitioned Adam states ---
+
+MASK_PARAMS = {"mlp": {"up": {"kernel": jnp.ones((4, 6))}}, "ln": {"scale": jnp.ones(4)}}
+MASK = {"mlp": {"up": {"kernel": True}}, "ln": {"scale": False}}
+LABELS = {"mlp": {"up": {"kernel": "adam"}}, "ln": {"scale": "sgd"}}
+
+
+def _masked_transforms():
+  return {
+      "optax.masked(adam)": optax.masked(optax.adam(1e-3), MASK),
+      "chain(masked(slim_adamw))": optax.chain(
+          optax.clip_by_global_norm(1.0),
+          optax.masked(slimoptax.slim_adamw(1e-3, compress="adam"), MASK)),
+      "partition(adam, sgd)": optax.partition({"adam": optax.adam(1e-3), "sgd": optax.sgd(1e-3)}, LABELS),
+      "partition(slim_adamw, sgd)": optax.partition(
+          {"adam": slimoptax.slim_adamw(1e-3, compress="adam"), "sgd": optax.sgd(1e-3)}, LABELS),
+  }
+
+
+@pytest.mark.parametrize("name", list(_masked_transforms()))
+def test_masked_state_tracks_the_unmasked_parameters(name):
+  tx = _masked_transforms()[name]
+  params = MASK_PARAMS
+  state = tx.init(params)
+  g = {"mlp": {"up": {"kernel": jnp.arange(24.0).reshape(4, 6)}}, "ln": {"scale": jnp.arange(4.0)}}
+  _, state = tx.update(g, state, params)
+  nu = snr_lib.find_second_moment(state, params)
+  assert isinstance(nu["ln"]["scale"], optax.MaskedNode)
+  assert nu["mlp"]["up"]["kernel"].shape == (4, 6)
+  tracker = slimoptax.SNRTracker(params, every=1)
+  with pytest.warns(UserWarning, match=r"no second moment for 1 parameter.*skipped: \['ln/scale'\]"):
+    tracker.record(1, state)
+  assert tracker.skipped == ("ln/scale",) and set(tracker.history) == {"mlp/up/kernel"}
+  np.testing.assert_allclose(tracker.history["mlp/up/kernel"][(1,)][0][1],
+                             numpy_snr(np.asarray(nu["mlp"]["up"]["kernel"]), (1,)), rtol=1e-5)
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # warned once only
+    tracker.record(2, state)
+  rules = slimoptax.derive_rules(tracker.time_average(), shapes=tracker.shapes)
+  assert [r.label for r in rules] == ["mlp/up/kernel"]
+
+
+def test_partition_of_two_adams_merges_their_second_moments():
+  tx = optax.partition({"adam": optax.adam(1e-3), "sgd": slimoptax.slim_adamw(1e-3, compress="adalayer")},
+                       LABELS)
+  nu = snr_lib.find_second_moment(tx.init(MASK_PARAMS), MASK_PARAMS)
+  assert nu["mlp"]["up"]["kernel"].shape == (4, 6) and nu["ln"]["scale"].shape == (1,)
+
+
+def test_no_adam_state_names_what_was_found():
+  state = optax.chain(optax.clip(1.0), optax.sgd(1e-3, momentum=0.9)).init(MASK_PARAMS)
+  with pytest.raises(ValueError, match=r"no second moment `nu`.*the state holds \[.*'TraceState'"):
+    snr_lib.find_second_moment(state, MASK_PARAMS)
+  with pytest.raises(ValueError, match=r"fields `nu` at \['\[0\]ScaleByAdamState.nu'\] have other paths"):
+    snr_lib.find_second_moment(optax.adam(1e-3).init({"other": jnp.ones(3)}), MASK_PARAMS)
+  with pytest.raises(ValueError, match="the state holds"):
+    slimoptax.SNRTracker(MASK_PARAMS).measure(state)
