@@ -16,25 +16,42 @@ Steps (Kalra et al. 2025, §3 and §5, at small scale on the embedded corpus):
    ``snr_trajectories.png``, ``snr_depth.png``, ``snr.csv``,
    ``loss_curves.png``, ``summary.json``, ``summary.md`` and per-run JSON-lines
    logs.
+
+`main` checks every argument and the installed extras first (exit 2 naming the
+flag or the package), writes into ``<out>.incomplete-<pid>`` and renames that to
+``<out>`` only once the run is complete (an existing non-empty ``<out>`` needs
+``--overwrite`` and is replaced only then); Ctrl-C exits 130 with one line.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
-import platform
-import sys
-import time
-from typing import Any
+import signal
 
-import jax
+if __name__ == "__main__":
+  # Ctrl-C while JAX is being imported or the arguments checked: one line, exit 130. Installed even when the
+  # launcher ignores SIGINT (``cmd &`` in a script), which would otherwise swallow it; `main` takes over.
+  def _interrupted_early(signum, frame):
+    os.write(2, b"interrupted before the run started; no outputs written\n")
+    os._exit(130)
 
-import slimoptax
-from experiments._lib import data, model, report
-from experiments._lib.plots import pyplot, save
-from experiments._lib.train import train_lm
+  signal.signal(signal.SIGINT, _interrupted_early)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+
+import slimoptax  # noqa: E402
+from experiments._lib import data, model, report  # noqa: E402
+from experiments._lib.plots import pyplot, save  # noqa: E402
+from experiments._lib.train import train_lm  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,19 +217,66 @@ def _plot_losses(runs, path) -> None:
   save(fig, path, dpi=110)
 
 
+_OUTPUTS = ("rules.json", "rules_depth.json", "rules_table.txt", "snr_trajectories.png", "snr_depth.png", "snr.csv",
+            "loss_curves.png", "summary.json", "summary.md")
+
+_HELP = {
+    "model": "GPT size preset ({choices}); --n-layers and --d-model override its sizes",
+    "n_layers": "transformer blocks",
+    "d_model": "model width (a multiple of the preset's head count)",
+    "vocab_size": "BPE vocabulary size, end-of-text token included (256: raw bytes, no tokenizer)",
+    "max_bytes": "cap on the corpus size in bytes (bounds tokenizer training; none: the whole corpus)",
+    "steps": "training steps of each compared optimizer (more than --warmup)",
+    "snr_steps": "steps of the small-learning-rate Adam run that measures SNR (more than --warmup)",
+    "batch_size": "sequences per batch (each as long as the preset's context: 64 tokens for tiny)",
+    "lr": "peak learning rate of the compared runs",
+    "snr_lr_factor": "the SNR run's learning rate is this times --lr",
+    "warmup": "linear learning-rate warm-up steps of every run (then a cosine decay to 0.1 x the peak)",
+    "cutoff": "SNR cutoff of the rules: an axis is averaged when its SNR exceeds it",
+    "snr_every": "measure SNR every this many steps of the SNR run",
+    "eval_every": "validation loss every this many steps",
+    "eval_batches": "validation batches per evaluation",
+    "seed": "seed of the initialisation and the batch order",
+    "optimizers": "comma-separated optimizers to compare, from: {choices} (slimadam: the derived rules)",
+}
+
+_POSITIVE = ("n_layers", "d_model", "steps", "snr_steps", "batch_size", "snr_every", "eval_every", "eval_batches",
+             "max_bytes")
+
+
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def _default_text(name: str) -> str:
+  full, quick = getattr(DemoConfig(), name), getattr(QUICK, name)
+  show = lambda v: "none" if v is None else ",".join(v) if isinstance(v, tuple) else str(v)
+  return f"default {show(full)}" + (f"; {show(quick)} with --quick" if quick != full else "")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--quick", action="store_true", help="one-minute smoke run (tiny model, few steps)")
+  parser.add_argument("--out", required=True,
+                      help="output folder (required). The run is written to the sibling <out>.incomplete-<pid> "
+                           "and renamed to <out> only when it completes, so an interrupted or failed run leaves "
+                           "that incomplete folder and never a partial <out>. An existing non-empty <out> is "
+                           "refused unless --overwrite")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing <out> holding an earlier demo run; it is kept untouched until "
+                           "the new run completes, then deleted (default: refuse)")
+  parser.add_argument("--quick", action="store_true",
+                      help="one-minute smoke run: tiny 2-layer d-64 model, vocab 512, 1.5 MB of corpus, 120 "
+                           "steps (the second default of each option below)")
+  choices = {"model": ", ".join(sorted(model.PRESETS)), "optimizers": ",".join(slimoptax.PRESETS)}
   for field in dataclasses.fields(DemoConfig):
+    text = _HELP[field.name].format(choices=choices.get(field.name, "")) + f" ({_default_text(field.name)})"
     if field.name == "optimizers":
-      parser.add_argument("--optimizers", default=None, help="comma-separated subset of "
-                          "adam,slimadam,adam-mini,adalayer,adalayer+ln+tn")
+      parser.add_argument("--optimizers", default=None, metavar="NAMES", help=text)
     else:
       kind = float if field.type in ("float",) else int if field.type in ("int",) else str
       if field.name == "max_bytes":
         kind = int
-      parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None)
-  parser.add_argument("--no-progress", action="store_true")
+      parser.add_argument(_flag(field.name), type=kind, default=None, metavar=field.name.upper(), help=text)
+  parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (default: show them)")
 
 
 def config_from_args(args) -> DemoConfig:
@@ -225,15 +289,91 @@ def config_from_args(args) -> DemoConfig:
   return dataclasses.replace(base, **overrides)
 
 
+def validate_config(parser: argparse.ArgumentParser, config: DemoConfig) -> None:
+  """``parser.error`` (exit 2, naming the flag) for a setting the run would fail on, before any work."""
+  for name in _POSITIVE:
+    value = getattr(config, name)
+    if value is not None and value < 1:
+      parser.error(f"{_flag(name)} must be a positive integer, got {value}")
+  if config.warmup < 0:
+    parser.error(f"--warmup must be >= 0, got {config.warmup}")
+  for name in ("steps", "snr_steps"):
+    if getattr(config, name) <= config.warmup:
+      parser.error(f"{_flag(name)} ({getattr(config, name)}) must be more than --warmup ({config.warmup}): "
+                   "the learning-rate schedule needs steps after the warm-up")
+  for name in ("lr", "snr_lr_factor"):
+    value = getattr(config, name)
+    if not (math.isfinite(value) and value > 0):
+      parser.error(f"{_flag(name)} must be a finite number > 0, got {value}")
+  if not (math.isfinite(config.cutoff) and config.cutoff >= 0):
+    parser.error(f"--cutoff must be a finite number >= 0, got {config.cutoff}")
+  if config.seed < 0:
+    parser.error(f"--seed must be >= 0, got {config.seed}")
+  if config.vocab_size < 256:
+    parser.error(f"--vocab-size must be 256 (bytes) or more, got {config.vocab_size}")
+  if config.model not in model.PRESETS:
+    parser.error(f"--model {config.model!r} is unknown; choose from {', '.join(sorted(model.PRESETS))}")
+  try:
+    model.gpt_config(config.model, vocab_size=config.vocab_size, n_layers=config.n_layers, d_model=config.d_model)
+  except ValueError as e:
+    parser.error(f"--d-model / --model: {e}")
+  names = config.optimizers
+  unknown = [n for n in names if n not in slimoptax.PRESETS]
+  if not names or unknown:
+    parser.error(f"--optimizers: unknown name{'s' if len(unknown) > 1 else ''} "
+                 f"{', '.join(repr(n) for n in unknown) or repr('')}; known: {', '.join(slimoptax.PRESETS)}")
+  if len(set(names)) != len(names):
+    parser.error(f"--optimizers lists a name twice: {','.join(names)}")
+
+
+def _replaceable(name: str) -> bool:
+  return name in _OUTPUTS or (name.startswith("log_") and name.endswith(".jsonl"))
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Validates every argument, runs the demo into a staging folder, renames it to ``--out`` when complete.
+
+  Returns 0, or 130 after Ctrl-C (one line on stderr naming the incomplete folder).
+  """
   parser = argparse.ArgumentParser(
       prog="python -m experiments.demo",
-      description="SNR -> rules -> Adam vs SlimAdam/Adam-mini/AdaLayer on the Python standard library's source")
+      description="SNR -> rules -> Adam vs SlimAdam/Adam-mini/AdaLayer on the Python standard library's source",
+      epilog="Ctrl-C (SIGINT, honoured even where the launcher ignores it) stops the run with one line: the "
+             "partial outputs stay in <out>.incomplete-<pid>, an earlier <out> is untouched. Exit codes: 0 "
+             "done, 2 bad arguments or missing packages (nothing run), 130 interrupted.")
   add_arguments(parser)
   args = parser.parse_args(argv)
-  run_demo(args.out, config_from_args(args), progress=not args.no_progress)
+  config = config_from_args(args)
+  validate_config(parser, config)
+  progress = not args.no_progress
+  report.require_packages(parser, ["matplotlib"] + (["tokenizers"] if config.vocab_size != 256 else [])
+                          + (["tqdm"] if progress else []))
+  staged = report.stage_output(parser, args.out, overwrite=args.overwrite, replaceable=_replaceable)
+  with report.InterruptGuard() as guard:
+    try:
+      run_demo(staged.staging, config, progress=progress)
+      if guard.interrupted:  # a Ctrl-C that something on the way caught: still an interrupted run
+        raise KeyboardInterrupt
+      with guard.deferred():
+        staged.commit()
+    except BaseException as e:
+      if not (isinstance(e, KeyboardInterrupt) or guard.interrupted):
+        print(f"demo failed; partial outputs in {staged.staging} (incomplete)", file=sys.stderr, flush=True)
+        raise
+      print(f"interrupted; partial outputs in {staged.staging} (incomplete)", file=sys.stderr, flush=True)
+      return 130
+  if guard.interrupted:
+    print(f"interrupted after the run completed; outputs in {staged.final} (complete)", file=sys.stderr, flush=True)
+    return 130
+  report.say(f"wrote {staged.final}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  code = main()
+  if code == 130:
+    # Leave without interpreter teardown: JAX/XLA threads cut off mid-compilation can crash it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+  sys.exit(code)
