@@ -274,12 +274,23 @@ def _factored_leaf(g, v_row, v_col, v, pair, beta2, eps1):
     v = _ema(beta2, v, g2)
     return (g * jax.lax.rsqrt(v)).astype(g.dtype), None, None, v
   r, c = pair
-  v_row = _ema(beta2, v_row, jnp.mean(g2, axis=c))
-  v_col = _ema(beta2, v_col, jnp.mean(g2, axis=r))
+  v_row_prev, v_col_prev = v_row, v_col
+  # Means over an axis of size 0 (a zero-size parameter) are 0, not NaN.
+  v_row = _ema(beta2, v_row, _tree.safe_mean(g2, c))
+  v_col = _ema(beta2, v_col, _tree.safe_mean(g2, r))
   r_in_row = r - 1 if r > c else r  # the row axis of v_row (col axis removed)
-  row_mean = jnp.mean(v_row, axis=r_in_row, keepdims=True)
+  c_in_col = c - 1 if c > r else c  # the col axis of v_col (row axis removed)
+  row_mean = _tree.safe_mean(v_row, r_in_row, keepdims=True)
   u = (g * jnp.expand_dims(jax.lax.rsqrt(v_row / row_mean), c)
        * jnp.expand_dims(jax.lax.rsqrt(v_col), r))
+  # V_hat couples every entry of a matrix (through mean(R)): a matrix with a
+  # non-finite new row or column statistic skips the step (see the docstring).
+  row_ok = jnp.all(jnp.isfinite(v_row), axis=r_in_row, keepdims=True)
+  col_ok = jnp.all(jnp.isfinite(v_col), axis=c_in_col, keepdims=True)
+  ok = jnp.squeeze(jnp.expand_dims(row_ok, c) & jnp.expand_dims(col_ok, r), (r, c))  # per batch
+  u = jnp.where(jnp.expand_dims(ok, tuple(sorted((r, c)))), u, 0)
+  v_row = jnp.where(jnp.expand_dims(ok, r_in_row), v_row, v_row_prev)
+  v_col = jnp.where(jnp.expand_dims(ok, c_in_col), v_col, v_col_prev)
   return u.astype(g.dtype), v_row, v_col, None
 
 
@@ -306,6 +317,16 @@ def scale_by_factored_second_moment(
 
   Unfactored parameters use ``V_t = EMA(G^2 + eps1)`` in place of ``V_hat``.
   With ``factored_axes=None`` this is `optax.scale_by_factored_rms`.
+
+  Non-finite statistics: ``R`` and ``C`` are shared by a row / column and
+  ``V_hat`` couples a whole matrix (through ``mean(R)``), so one gradient entry
+  whose square overflows (``1e30`` in float32) or is NaN would silently zero
+  or scramble the matrix's step for good (`optax.apply_if_finite` checks the
+  gradients, and ``1e30`` is finite). Instead **a (per-batch) matrix whose
+  new ``R`` or ``C`` is not finite skips the step**, as `optax.apply_if_finite`
+  would: old ``R`` and ``C`` kept, update 0 this step only. Unfactored parameters keep optax's
+  per-entry behaviour. Zero-size parameters get empty updates and finite
+  (zero) statistics.
 
   Args:
     decay_rate: parameter of ``decay_rate_fn``: the exponent 0.8 of the paper's
@@ -335,6 +356,13 @@ def scale_by_factored_second_moment(
     ((3,), (2,))
   """
 
+  if decay_rate_fn is decay_rate_pow:
+    _tree.check_range("decay_rate", decay_rate, 0.0)  # the exponent of 1 - t^-decay_rate
+  elif decay_rate_fn is decay_rate_constant:
+    _tree.check_range("decay_rate", decay_rate, 0.0, 1.0)  # beta2 itself
+  _tree.check_range("eps1", eps1, 0.0)
+  _tree.static_int("min_dim_size_to_factor", min_dim_size_to_factor, 0)
+
   def _pairs(tree, *, warn):
     return [a for _, _, a in resolve_factored_axes(
         tree, factored_axes, min_dim_size_to_factor=min_dim_size_to_factor, warn=warn)]
@@ -350,6 +378,7 @@ def scale_by_factored_second_moment(
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_state(state, ScaleByAdafactorState, who="scale_by_factored_second_moment")
     pairs = _pairs(updates, warn=False)
     shapes = [factored_state_shapes(_tree.shape_of(g), a)
               for g, a in zip(jax.tree_util.tree_leaves(updates), pairs)]
@@ -462,6 +491,10 @@ def scale_by_adafactor(
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018 (Alg. 4, 5; §§6-9).
   """
+  _tree.check_range("b1", b1, 0.0, 1.0)
+  _tree.check_range("eps2", eps2, 0.0)
+  _tree.check_range("clipping_threshold", clipping_threshold, 0.0, low_open=True, high_open=False)
+  mu_dtype = _tree.float_dtype("mu_dtype", mu_dtype)
   core = scale_by_factored_second_moment(
       decay_rate, factored_axes=factored_axes, min_dim_size_to_factor=min_dim_size_to_factor,
       eps1=eps1, decay_rate_fn=decay_rate_fn, step_offset=step_offset)
@@ -473,7 +506,7 @@ def scale_by_adafactor(
   if multiply_by_parameter_scale:
     extras.append(_scale_by_param_rms(eps2))
   if b1 is not None:
-    extras.append(optax.ema(b1, debias=False, accumulator_dtype=_tree.canonical_dtype(mu_dtype)))
+    extras.append(optax.ema(b1, debias=False, accumulator_dtype=mu_dtype))
   return optax.chain(core, *extras)
 
 

@@ -80,9 +80,9 @@ def scale_by_adavar(
   how their AdaVar runs debiased; this is our choice.)
 
   Args:
-    beta: decay of the mean estimate ``m``.
-    gamma: multiplier of the variance term (``None``: ``beta``).
-    tau: decay of the squared-deviation EMA (``None``: ``beta``).
+    beta: decay of the mean estimate ``m``, in [0, 1).
+    gamma: multiplier of the variance term, >= 0 (``None``: ``beta``).
+    tau: decay of the squared-deviation EMA, in [0, 1) (``None``: ``beta``).
     eps: added to the denominator outside the square root, as in Adam (0
       gives Orvieto & Gower's eq. 12 exactly, with ``0/0 := 0``).
     bias_correction: debias as described above.
@@ -108,7 +108,11 @@ def scale_by_adavar(
   """
   gamma = beta if gamma is None else gamma
   tau = beta if tau is None else tau
-  mu_dtype = _tree.canonical_dtype(mu_dtype)
+  for name, value in (("beta", beta), ("tau", tau)):
+    _tree.check_range(name, value, 0.0, 1.0)
+  for name, value in (("gamma", gamma), ("eps", eps)):
+    _tree.check_range(name, value, 0.0)
+  mu_dtype = _tree.float_dtype("mu_dtype", mu_dtype)
 
   def init_fn(params):
     _tree.check_float_params(params)
@@ -118,6 +122,7 @@ def scale_by_adavar(
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_state(state, ScaleByAdaVarState, who="scale_by_adavar")
     mu, sigma2 = _tree.map_update(
         lambda _, g, m, s: (optax.tree.update_moment(g, m, beta, 1),
                             tau * s + gamma * (1 - tau) * jnp.square(m - g)),

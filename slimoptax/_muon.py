@@ -215,11 +215,17 @@ def matrix_shape(shape: Sequence[int], spec: Spec) -> tuple[int, int, int]:
   """``(batch, rows, cols)`` = (batch, fan_in, fan_out) of ``shape`` viewed by ``spec``."""
   view, dims = _view(shape, spec)
   rows, cols = contrib_muon._get_shape_products(jax.ShapeDtypeStruct(view, jnp.float32), dims)
-  return math.prod(view) // (rows * cols), rows, cols
+  batch = math.prod(s for i, s in enumerate(view) if i not in (*dims.reduction_axis, *dims.output_axis))
+  return batch, rows, cols
 
 
-def _per_matrix(leaf_fn, dims, per_head, num_heads) -> optax.GradientTransformation:
-  """A stateless transform applying ``leaf_fn(update, spec)`` to every leaf."""
+def _per_matrix(leaf_fn, dims, per_head, num_heads, who) -> optax.GradientTransformation:
+  """A stateless transform applying ``leaf_fn(update, spec)`` to every leaf.
+
+  A zero-size leaf (a dimension 0) has nothing to orthogonalize or scale: it
+  comes back as it is (empty).
+  """
+  _tree.static_int("num_heads", num_heads, 1)
 
   def init_fn(params):
     # Integer / complex parameters (a momentum in front may hide them from update_fn's check).
@@ -229,10 +235,12 @@ def _per_matrix(leaf_fn, dims, per_head, num_heads) -> optax.GradientTransformat
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_state(state, optax.EmptyState, who=who)
     # Integer updates would come back as zeros, complex ones without their imaginary part.
     _tree.check_float_params(updates, what="update")
-    (out,) = _tree.map_update(lambda path, u, spec: (leaf_fn(u, spec),), updates, names=[],
-                              num_outputs=1, extra=[_leaf_specs(updates, dims, per_head, num_heads)])
+    (out,) = _tree.map_update(lambda path, u, spec: (leaf_fn(u, spec) if u.size else u,), updates,
+                              names=[], num_outputs=1,
+                              extra=[_leaf_specs(updates, dims, per_head, num_heads)])
     return out, state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -271,6 +279,8 @@ def orthogonalize(ns_steps: int = 5, ns_coeffs: Any = QUINTIC_COEFFS, *, eps: Ar
     Jordan et al., Muon, 2024; Bernstein & Newhouse, 2024.
   """
   _coeff_schedule(ns_steps, ns_coeffs)  # validate early
+  _tree.check_range("eps", eps, 0.0)
+  dtype = _tree.float_dtype("dtype", dtype)
 
   def leaf(x, spec):
     if spec is None:
@@ -281,7 +291,7 @@ def orthogonalize(ns_steps: int = 5, ns_coeffs: Any = QUINTIC_COEFFS, *, eps: Ar
                         precision=precision)
     return back(out).reshape(x.shape)
 
-  return _per_matrix(leaf, dims, per_head, num_heads)
+  return _per_matrix(leaf, dims, per_head, num_heads, "orthogonalize")
 
 
 def rms_scale_factor(rows: int, cols: int, rms_scale: str = "jordan", rms: float = 0.2) -> float:
@@ -322,6 +332,7 @@ def scale_by_matrix_shape(rms_scale: str = "jordan", *, rms: ArrayLike = 0.2, di
   """
   if rms_scale not in RMS_SCALES and rms_scale is not None:
     raise ValueError(f"unknown rms_scale {rms_scale!r}; known: {RMS_SCALES}")
+  _tree.check_range("rms", rms, 0.0)
 
   def scale(u, spec):
     if spec is None or rms_scale in ("none", None):
@@ -333,7 +344,7 @@ def scale_by_matrix_shape(rms_scale: str = "jordan", *, rms: ArrayLike = 0.2, di
       out = contrib_muon._scale_update_for_width_transfer(u.reshape(view), d)
     return out.reshape(u.shape).astype(u.dtype)
 
-  return _per_matrix(scale, dims, per_head, num_heads)
+  return _per_matrix(scale, dims, per_head, num_heads, "scale_by_matrix_shape")
 
 
 class ScaleByMuonState(NamedTuple):
@@ -383,7 +394,8 @@ def scale_by_muon_momentum(beta: ArrayLike = 0.95, *, nesterov: bool = True,
   Returns:
     A `optax.GradientTransformation` with state `ScaleByMuonState`.
   """
-  mu_dtype = _tree.canonical_dtype(mu_dtype)
+  _tree.check_range("beta", beta, 0.0, 1.0)
+  mu_dtype = _tree.float_dtype("mu_dtype", mu_dtype)
 
   def init_fn(params):
     _tree.check_float_params(params)
@@ -391,6 +403,7 @@ def scale_by_muon_momentum(beta: ArrayLike = 0.95, *, nesterov: bool = True,
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_state(state, ScaleByMuonState, who="scale_by_muon_momentum")
     count_inc = optax.safe_increment(state.count)
     correct = optax.tree.bias_correction
 
@@ -498,8 +511,10 @@ def muon(learning_rate: optax.ScalarOrSchedule, beta: ArrayLike = 0.95,
       a preset, `slimoptax.Rules`...): the fallback's, see `slimoptax.slim_adamw`.
 
   Returns:
-    An `optax.partition`. Under `optax.inject_hyperparams`, name ``ns_steps``
-    and callable decay masks in ``static_args`` (callables read as schedules).
+    An `optax.partition` (its state an `optax.PartitionState`, checked by
+    ``update``). Under `optax.inject_hyperparams`, name ``ns_steps`` (and
+    ``num_heads``, if given) and callable decay masks in ``static_args``
+    (callables read as schedules). Zero-size matrices get empty updates.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, slimoptax
@@ -517,6 +532,10 @@ def muon(learning_rate: optax.ScalarOrSchedule, beta: ArrayLike = 0.95,
     Jordan et al., Muon, 2024; Liu et al., Muon is Scalable for LLM Training,
     2025; Kalra et al., When Can You Get Away with Low Memory Adam?, 2025.
   """
+  for name, value, high in (("weight_decay", weight_decay, None), ("adam_b1", adam_b1, 1.0),
+                            ("adam_b2", adam_b2, 1.0), ("adam_eps", adam_eps, None),
+                            ("adam_weight_decay", adam_weight_decay, None)):
+    _tree.check_range(name, value, 0.0, high)  # the fallback's, under the names given here
   direction = _muon_direction(beta, nesterov, bias_correction, ns_steps, ns_coeffs, eps, dims,
                               per_head, num_heads, rms_scale, rms, mu_dtype, dtype, precision)
   matrices = optax.chain(*direction, optax.add_decayed_weights(weight_decay, weight_decay_mask),
@@ -526,8 +545,14 @@ def muon(learning_rate: optax.ScalarOrSchedule, beta: ArrayLike = 0.95,
       adam_eps, weight_decay if adam_weight_decay is None else adam_weight_decay,
       compress=adam_compress, mask=adam_weight_decay_mask, mu_dtype=adam_mu_dtype,
       nu_dtype=adam_nu_dtype, nesterov=adam_nesterov, num_heads=num_heads)
-  return optax.partition({"muon": matrices, "adam": rest},
-                         lambda tree: muon_labels(tree, dims, per_head=per_head, num_heads=num_heads))
+  inner = optax.partition({"muon": matrices, "adam": rest},
+                          lambda tree: muon_labels(tree, dims, per_head=per_head, num_heads=num_heads))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _tree.check_state(state, optax.PartitionState, who="muon")
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 __all__ = [

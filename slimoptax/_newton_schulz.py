@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from slimoptax import _tree
+
 QUINTIC_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic Newton–Schulz coefficients (a, b, c)."""
 
@@ -45,8 +47,9 @@ def _coeff_schedule(ns_steps: int | None, ns_coeffs: Any) -> list[tuple[float, .
     arr = np.asarray(ns_coeffs, dtype=np.float64)
   except Exception as err:  # traced values cannot become Python floats
     raise TypeError(f"ns_coeffs must be concrete numbers, got {ns_coeffs!r} ({err})") from None
-  if arr.shape == (3,) and int(ns_steps) < 0:
-    raise ValueError(f"ns_steps must be >= 0, got {ns_steps}")
+  ns_steps = _tree.static_int("ns_steps", ns_steps, 0)  # a loop count: never traced
+  if arr.shape == (3,) and ns_steps is None:
+    raise ValueError("ns_steps must be given with one (a, b, c) triple")
   if arr.shape == (3,):
     return [tuple(arr.tolist())] * int(ns_steps)
   if arr.ndim != 2 or arr.shape[1] != 3:

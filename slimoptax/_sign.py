@@ -94,7 +94,7 @@ def scale_by_sign(
   Args:
     mode: ``"signsgd"``, ``"signum"``, ``"emasign"`` (momentum on the sign,
       "Momentum on SignSGD" in Orvieto & Gower) or ``"mollified"``.
-    beta: EMA decay; the dampening is ``1 - beta``. Unused by ``"signsgd"``.
+    beta: EMA decay in [0, 1); the dampening is ``1 - beta``. Unused by ``"signsgd"``.
     eps: the mollifier of ``"mollified"`` (``eps = 0`` gives Signum, with
       ``0/0 := 0``). Must be 0 for the other modes.
     init: ``"zero"`` (ZI) or ``"grad"`` (GI: the EMA is set to its first
@@ -134,7 +134,9 @@ def scale_by_sign(
     raise ValueError(f"eps={eps!r} is only used by mode='mollified', not mode={mode!r}")
   if mode == "signsgd" and init != "zero":
     raise ValueError("mode='signsgd' keeps no EMA; init must be 'zero'")
-  mu_dtype = _tree.canonical_dtype(mu_dtype)
+  _tree.check_range("beta", beta, 0.0, 1.0)
+  _tree.check_range("eps", eps, 0.0)
+  mu_dtype = _tree.float_dtype("mu_dtype", mu_dtype)
 
   def init_fn(params):
     _tree.check_float_params(params)
@@ -151,6 +153,7 @@ def scale_by_sign(
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_state(state, ScaleBySignState, who="scale_by_sign")
     count_inc = optax.safe_increment(state.count)
     if mode == "signsgd":
       return jax.tree.map(jnp.sign, updates), ScaleBySignState(count=count_inc, mu=None)

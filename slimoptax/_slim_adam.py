@@ -90,7 +90,7 @@ def mean_over(x: jax.Array, axes: layers.Axes | layers.Reshaped) -> jax.Array:
     axes = axes.axes
   if not axes:
     return x
-  return jnp.mean(x, axis=axes, keepdims=True)
+  return _tree.safe_mean(x, axes, keepdims=True)  # 0 over an empty group (zero-size parameter)
 
 
 def mean_square(g: jax.Array, axes: layers.Axes | layers.Reshaped) -> jax.Array:
@@ -110,6 +110,39 @@ def divide_in_view(x: jax.Array, den: jax.Array, axes: layers.Axes | layers.Resh
   if isinstance(axes, layers.Reshaped):
     return (x.reshape(axes.shape) / den).reshape(x.shape)
   return x / den
+
+
+def skip_nonfinite_groups(stat: jax.Array, axes: layers.Axes | layers.Reshaped, new: jax.Array,
+                          old: Any) -> jax.Array:
+  """``new``, but ``old`` in every group whose new averaged statistic ``stat`` is not finite.
+
+  ``new`` has the parameter's shape or ``stat``'s; ``old`` likewise (or a
+  scalar). Only averaged statistics (``axes`` non-empty) are touched: a
+  per-entry one keeps optax's per-entry behaviour. See `scale_by_slim_adam`
+  ("Non-finite second moments").
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from slimoptax._slim_adam import skip_nonfinite_groups
+    >>> skip_nonfinite_groups(jnp.array([[jnp.inf], [1.0]]), (1,), jnp.ones((2, 2)), 0.0).tolist()
+    [[0.0, 0.0], [1.0, 1.0]]
+  """
+  view_axes = axes.axes if isinstance(axes, layers.Reshaped) else axes
+  if not view_axes:
+    return new
+  reshape = isinstance(axes, layers.Reshaped) and new.shape != stat.shape
+  view = new.reshape(axes.shape) if reshape else new
+  old = jnp.asarray(old, new.dtype)
+  old = old.reshape(axes.shape) if reshape and old.ndim else old
+  return jnp.where(jnp.isfinite(stat), view, old).reshape(new.shape)
+
+
+def check_adam_hyperparams(b1: Any, b2: Any, eps: Any, num_heads: Any) -> None:
+  """``b1``, ``b2`` in [0, 1), ``eps >= 0``, ``num_heads`` a Python int >= 1 (or None)."""
+  _tree.check_range("b1", b1, 0.0, 1.0)
+  _tree.check_range("b2", b2, 0.0, 1.0)
+  _tree.check_range("eps", eps, 0.0)
+  _tree.static_int("num_heads", num_heads, 1)
 
 
 # --------------------------------------------------------------------------
@@ -156,6 +189,30 @@ def scale_by_slim_adam(
   Returns:
     A `optax.GradientTransformation` with state `ScaleBySlimAdamState`.
 
+  Raises:
+    ValueError: at construction, naming the argument: ``b1`` or ``b2`` outside
+      [0, 1), ``eps < 0``, a ``mu_dtype`` / ``nu_dtype`` that is not floating,
+      ``num_heads`` not a Python int >= 1 (under `optax.inject_hyperparams`:
+      name it in ``static_args``); at ``update``, a state made by another
+      optimizer (naming its type).
+
+  Non-finite second moments: an averaged ``v`` is shared by its group, so one
+  gradient entry whose square overflows (``1e30`` in float32) or is NaN would
+  make the whole group's ``v`` inf / NaN, and Adam's step ``m / (sqrt(v) +
+  eps)`` a silent 0 for the group from then on (``optax.adamw`` freezes only
+  the one entry, for good). `optax.apply_if_finite` cannot help: it checks the
+  incoming gradients, and ``1e30`` is finite. Instead **a group whose new
+  ``v`` is not finite skips the step**, as `optax.apply_if_finite` would: its
+  old ``m`` and ``v`` are kept and its update is 0 for this step only; the
+  next finite gradient moves it again. The state never holds a non-finite
+  averaged ``v``. (A NaN gradient is seen by `optax.apply_if_finite`, which
+  skips the whole step; without it the group skips as above.) Uncompressed
+  leaves (``K = ()``, ``compress=None``) keep optax's per-entry behaviour
+  exactly.
+
+  Zero-size parameters (a dimension 0) are supported: empty updates, finite
+  zero statistics (an empty group averages to 0).
+
   Example:
     >>> import jax.numpy as jnp, optax, slimoptax
     >>> params = {"mlp": {"up": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}}}
@@ -173,8 +230,9 @@ def scale_by_slim_adam(
     Kalra et al., `When Can You Get Away with Low Memory Adam?
     <https://arxiv.org/abs/2503.01843>`_, 2025 (eq. 2, Table 3).
   """
-  mu_dtype = _tree.canonical_dtype(mu_dtype)
-  nu_dtype = _tree.canonical_dtype(nu_dtype)
+  check_adam_hyperparams(b1, b2, eps, num_heads)
+  mu_dtype = _tree.float_dtype("mu_dtype", mu_dtype)
+  nu_dtype = _tree.float_dtype("nu_dtype", nu_dtype)
 
   def init_fn(params):
     _tree.check_float_params(params)
@@ -187,6 +245,7 @@ def scale_by_slim_adam(
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_state(state, ScaleBySlimAdamState, who="scale_by_slim_adam")
     axes = resolve_axes(updates, compress, num_heads, warn=False)
     _tree.state_leaves(updates, state.mu, name="first moment")
     nu_prev = _tree.state_leaves(updates, state.nu, name="second moment",
@@ -195,6 +254,14 @@ def scale_by_slim_adam(
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     (nu,) = _tree.map_update(lambda _, g, v, a: ((1 - b2) * mean_square(g, a) + b2 * v,),
                              updates, names=[], num_outputs=1, extra=[nu_prev, axes])
+    nu_new = jax.tree_util.tree_leaves(nu)  # the new statistics decide which groups skip
+    # A group whose new nu is not finite skips the step: its old mu and nu are kept.
+    mu, nu = _tree.map_update(
+        lambda _, g, m, m_prev, v, v_prev, a: (skip_nonfinite_groups(v, a, m, m_prev),
+                                               skip_nonfinite_groups(v, a, v, v_prev)),
+        updates, names=[], num_outputs=2,
+        extra=[jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(state.mu), nu_new,
+               nu_prev, axes])
     count_inc = optax.safe_increment(state.count)
     b1_32 = jnp.asarray(b1, jnp.float32)
     if nesterov:
@@ -204,9 +271,10 @@ def scale_by_slim_adam(
       mu_hat = optax.tree.bias_correction(mu, b1_32, count_inc)
     nu_hat = optax.tree.bias_correction(nu, jnp.asarray(b2, jnp.float32), count_inc)
     (u,) = _tree.map_update(
-        lambda _, g, m, v, a: (divide_in_view(m, jnp.sqrt(v) + eps, a).astype(g.dtype),),
+        lambda _, g, m, v, v_new, a: (skip_nonfinite_groups(
+            v_new, a, divide_in_view(m, jnp.sqrt(v) + eps, a).astype(g.dtype), 0.0),),
         updates, names=[], num_outputs=1,
-        extra=[jax.tree_util.tree_leaves(mu_hat), jax.tree_util.tree_leaves(nu_hat), axes])
+        extra=[jax.tree_util.tree_leaves(mu_hat), jax.tree_util.tree_leaves(nu_hat), nu_new, axes])
     # The state keeps its dtype (array-valued betas must not promote a bf16 state).
     mu = jax.tree.map(lambda m, prev: m.astype(mu_dtype or prev.dtype), mu, state.mu)
     nu = jax.tree.map(lambda v, prev: v.astype(nu_dtype or prev.dtype), nu, state.nu)
@@ -247,7 +315,7 @@ def slim_adamw(
     b1: decay rate of the first moment.
     b2: decay rate of the second moment (0.95 as in Kalra et al.).
     eps: added outside the square root.
-    weight_decay: decoupled weight-decay strength.
+    weight_decay: decoupled weight-decay strength (>= 0).
     compress: see `scale_by_slim_adam` (``None``: plain AdamW; a preset name
       such as ``"slimadam"``; rules; a pytree of axes; a callable).
     mask: which parameters are decayed: a pytree of bools or a callable;
@@ -275,7 +343,9 @@ def slim_adamw(
     Kalra et al., When Can You Get Away with Low Memory Adam?, 2025;
     Loshchilov & Hutter, Decoupled Weight Decay Regularization, 2019.
   """
-  return optax.chain(
+  _tree.check_range("weight_decay", weight_decay, 0.0)
+  return _tree.checked_chain(
+      "slim_adamw",
       scale_by_slim_adam(b1, b2, eps, compress=compress, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
                          nesterov=nesterov, num_heads=num_heads),
       optax.add_decayed_weights(weight_decay, default_weight_decay_mask if mask is None else mask),
@@ -284,6 +354,6 @@ def slim_adamw(
 
 
 __all__ = [
-    "ScaleBySlimAdamState", "default_weight_decay_mask", "mean_square", "scale_by_slim_adam",
-    "slim_adamw",
+    "ScaleBySlimAdamState", "check_adam_hyperparams", "default_weight_decay_mask", "mean_square",
+    "skip_nonfinite_groups", "scale_by_slim_adam", "slim_adamw",
 ]

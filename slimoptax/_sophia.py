@@ -321,6 +321,9 @@ def scale_by_hutchinson(
   and bounded size, never a step uphill or an exploding one. Clipping is
   therefore mandatory (``clip_threshold`` must be a positive number).
 
+  Non-finite curvature: a group whose refreshed averaged ``h`` is inf / NaN
+  skips the step (``m``, ``h`` kept, update 0), as in `scale_by_slim_adam`.
+
   Args:
     b1: momentum decay (0.965 in the official GPT-2 configurations; the paper
       states 0.96).
@@ -377,13 +380,13 @@ def scale_by_hutchinson(
     raise ValueError(
         "clip_threshold=None is not supported: the clip is what bounds the step where the "
         "curvature estimate is <= 0; pass a positive threshold (1.0 in the paper)")
-  for name, value in (("eps", eps), ("clip_threshold", clip_threshold), ("update_every", update_every)):
-    try:
-      concrete = float(np.asarray(value))
-    except Exception:  # traced: cannot check here
-      continue
-    if not concrete > 0:
-      raise ValueError(f"{name} must be > 0, got {value}")
+  for name, value, low, high in (("b1", b1, 0, 1), ("b2", b2, 0, 1), ("gamma", gamma, 0, None),
+                                 ("eps", eps, 0, None), ("clip_threshold", clip_threshold, 0, None),
+                                 ("update_every", update_every, 1, None)):
+    _tree.check_range(name, value, low, high, low_open=name in ("eps", "clip_threshold"))
+  for name, value in (("num_samples", num_samples), ("gnb_batch_size", gnb_batch_size),
+                      ("num_heads", num_heads)):
+    _tree.static_int(name, value, 1)
   try:
     concrete_every = int(update_every)
   except (TypeError, jax.errors.ConcretizationTypeError):
@@ -392,8 +395,8 @@ def scale_by_hutchinson(
     if concrete_every != update_every:
       raise ValueError(f"update_every must be an integer, got {update_every}")
     update_every = concrete_every
-  mu_dtype = _tree.canonical_dtype(mu_dtype)
-  h_dtype = _tree.canonical_dtype(h_dtype)
+  mu_dtype = _tree.float_dtype("mu_dtype", mu_dtype)
+  h_dtype = _tree.float_dtype("h_dtype", h_dtype)
 
   def estimate(params, key, extra_args):
     if callable(estimator):
@@ -431,6 +434,7 @@ def scale_by_hutchinson(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("scale_by_hutchinson needs params: update(updates, state, params, ...)")
+    _tree.check_state(state, ScaleByHutchinsonState, who="scale_by_hutchinson")
     axes = slim_adam.resolve_axes(updates, compress, num_heads, warn=False)
     treedef = jax.tree_util.tree_structure(updates)
     # Checked before anything is estimated (path-named errors).
@@ -454,14 +458,19 @@ def scale_by_hutchinson(
     if bias_correction:
       mu_hat = optax.tree.bias_correction(mu, jnp.asarray(b1, jnp.float32), count_inc)
 
-    def direction(_, g, m_hat, h, a):
+    def direction(_, g, m_hat, h, h_next, a):
       ratio = slim_adam.divide_in_view(m_hat, jnp.maximum(gamma * h, eps), a)
       not_clipped = jnp.sum(jnp.abs(ratio) < clip_threshold).astype(jnp.float32)
-      return jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype), not_clipped
+      u = jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype)
+      return slim_adam.skip_nonfinite_groups(h_next, a, u, 0.0), not_clipped  # group skips
 
     u, not_clipped = _tree.map_update(
         direction, updates, names=[], num_outputs=2,
-        extra=[jax.tree_util.tree_leaves(mu_hat), new_h if fresh_estimate else h_leaves, axes])
+        extra=[jax.tree_util.tree_leaves(mu_hat), new_h if fresh_estimate else h_leaves, new_h, axes])
+    skip = lambda new, old: [slim_adam.skip_nonfinite_groups(*x) for x in zip(new_h, axes, new, old)]
+    mu = jax.tree_util.tree_unflatten(treedef, skip(jax.tree_util.tree_leaves(mu),
+                                                    jax.tree_util.tree_leaves(state.mu)))
+    new_h = skip(new_h, h_leaves)  # a group whose refreshed h is not finite keeps m and h
     total = sum(math.prod(_tree.shape_of(g)) for g in jax.tree_util.tree_leaves(updates))
     not_clipped = sum(jax.tree_util.tree_leaves(not_clipped), jnp.zeros([], jnp.float32))
     win_rate = not_clipped / max(total, 1)
@@ -569,7 +578,9 @@ def sophia(
   """
   if gamma is None:
     gamma = DEFAULT_GAMMA.get(estimator, 0.01) if isinstance(estimator, str) else 0.01
-  return optax.chain(
+  _tree.check_range("weight_decay", weight_decay, 0.0)
+  return _tree.checked_chain(
+      "sophia",
       scale_by_hutchinson(
           b1, b2, gamma, eps, update_every=update_every, estimator=estimator,
           clip_threshold=clip_threshold, compress=compress, seed=seed, num_samples=num_samples,

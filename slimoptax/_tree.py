@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def _key_str(key: Any) -> str:
@@ -130,7 +131,7 @@ def is_param_like(spec: Any, params: Any) -> bool:
 
 
 def check_float_params(params: Any, *, what: str = "params") -> None:
-  """Raises a ValueError naming the path of any parameter that is not real floating point.
+  """Raises a ValueError naming the path of any parameter that is not a real floating-point array.
 
   Example:
     >>> import jax.numpy as jnp
@@ -139,11 +140,16 @@ def check_float_params(params: Any, *, what: str = "params") -> None:
     Traceback (most recent call last):
     ...
     ValueError: params 'step' has dtype int32; slimoptax transforms take floating-point parameters (integer parameters have no gradient: exclude them with optax.masked)
+
+  A Python number is not an array (it has no dtype or sharding of its own, and
+  ``optax.apply_updates`` would turn it into one): it is refused by path.
   """
   for path, leaf in named_leaves(params):
     dtype = getattr(leaf, "dtype", None)
-    if dtype is None:
-      dtype = np.asarray(leaf).dtype
+    if dtype is None or not hasattr(leaf, "shape"):
+      raise ValueError(
+          f"{what} {path!r} is a Python {type(leaf).__name__} ({leaf!r}), not an array; "
+          "slimoptax transforms take arrays as parameters: wrap it, e.g. jnp.asarray(1.0)")
     if jnp.issubdtype(dtype, jnp.complexfloating):
       raise ValueError(
           f"{what} {path!r} is complex ({dtype}); slimoptax transforms take real floating-point "
@@ -258,7 +264,167 @@ def map_update(
   return tuple(jax.tree_util.tree_unflatten(treedef, list(col)) for col in cols)
 
 
+# --------------------------------------------------------------------------
+# Construction-time checks of hyperparameters, dtypes and states.
+# --------------------------------------------------------------------------
+
+
+def _concrete(value: Any) -> float | None:
+  """``value`` as a Python float, or ``None`` when it cannot be read (traced, a schedule, None)."""
+  if value is None or callable(value):
+    return None
+  try:
+    return float(np.asarray(value))
+  except Exception:  # a tracer (optax.inject_hyperparams under jit) or a non-scalar
+    return None
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = True) -> None:
+  """Refuses a concrete hyperparameter outside ``[low, high)`` (by default), naming it.
+
+  Traced values (`optax.inject_hyperparams` under jit), schedules and ``None``
+  are not checked: they cannot be read at construction.
+
+  Args:
+    name: the argument's name, for the error.
+    value: the hyperparameter.
+    low, high: the bounds (``None``: unbounded).
+    low_open, high_open: exclude the bound (default ``[low, high)``).
+
+  Raises:
+    ValueError: naming ``name``, the value and the allowed range.
+
+  Example:
+    >>> from slimoptax._tree import check_range
+    >>> check_range("b2", 0.95, 0.0, 1.0)
+    >>> check_range("b1", 1.0, 0.0, 1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: b1 must be in [0.0, 1.0), got 1.0
+  """
+  x = _concrete(value)
+  if x is None:
+    return
+  too_low = low is not None and (x <= low if low_open else x < low)
+  too_high = high is not None and (x >= high if high_open else x > high)
+  if too_low or too_high or x != x:
+    lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be in {lo}, {hi}, got {value}")
+
+
+def static_int(name: str, value: Any, low: int | None = None) -> Any:
+  """An integer argument that picks shapes or loop counts: a Python int, ``>= low``.
+
+  `optax.inject_hyperparams` turns every int argument into a (traced) array;
+  such an argument must be named in its ``static_args``. ``None`` passes.
+
+  Raises:
+    ValueError: naming ``name`` (an array, a non-integer, or below ``low``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from slimoptax._tree import static_int
+    >>> static_int("num_heads", jnp.asarray(4))
+    Traceback (most recent call last):
+    ...
+    ValueError: num_heads must be a Python int, got an array (int32): it sets shapes or a loop count, which cannot be traced; under optax.inject_hyperparams name it in static_args=("num_heads",)
+  """
+  if value is None:
+    return None
+  if isinstance(value, (jax.Array, np.ndarray)) or isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"{name} must be a Python int, got an array ({value.dtype}): it sets shapes or a loop "
+        f"count, which cannot be traced; under optax.inject_hyperparams name it in "
+        f"static_args=({name!r},)".replace("'", '"'))
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an int, got {value!r}")
+  if low is not None and value < low:
+    raise ValueError(f"{name} must be >= {low}, got {value}")
+  return int(value)
+
+
+def float_dtype(name: str, dtype: Any) -> Any:
+  """A state dtype argument (``mu_dtype``, ...): ``None`` or a real floating dtype, canonicalized.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from slimoptax._tree import float_dtype
+    >>> float_dtype("mu_dtype", jnp.int32)
+    Traceback (most recent call last):
+    ...
+    ValueError: mu_dtype must be a real floating-point dtype (or None), got int32
+  """
+  if dtype is None:
+    return None
+  try:
+    canon = jax.dtypes.canonicalize_dtype(dtype)
+  except TypeError:
+    raise ValueError(f"{name} must be a real floating-point dtype (or None), got {dtype!r}") from None
+  if not jnp.issubdtype(canon, jnp.floating):
+    raise ValueError(f"{name} must be a real floating-point dtype (or None), got {canon}")
+  return canon
+
+
+def _describe(state: Any) -> str:
+  if type(state) is tuple:
+    return f"tuple ({', '.join(type(s).__name__ for s in state)})"
+  return type(state).__name__
+
+
+def check_state(state: Any, cls: type, *, who: str) -> None:
+  """Refuses a state of another type than ``cls`` (made by another optimizer), naming both.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from slimoptax._tree import check_state
+    >>> check_state(optax.sgd(1.0, momentum=0.9).init(jnp.zeros(2))[0], optax.EmptyState,
+    ...             who="orthogonalize")
+    Traceback (most recent call last):
+    ...
+    ValueError: slimoptax.orthogonalize got a TraceState state; expected EmptyState: was the state created by another optimizer (or another transform of the chain)?
+  """
+  same = isinstance(state, cls) or (
+      type(state).__name__ == cls.__name__ and getattr(state, "_fields", None) == cls._fields)
+  if not same:
+    raise ValueError(
+        f"slimoptax.{who} got a {_describe(state)} state; expected {cls.__name__}: was the "
+        "state created by another optimizer (or another transform of the chain)?")
+
+
+def checked_chain(who: str, *transforms: Any) -> Any:
+  """`optax.chain` whose ``update`` refuses, by name, a state that is not its tuple of states."""
+  inner = optax.chain(*transforms)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if type(state) is not tuple or len(state) != len(transforms):
+      raise ValueError(
+          f"slimoptax.{who} got a {_describe(state)} state; expected a tuple of "
+          f"{len(transforms)} states (an optax.chain): was the state created by another "
+          "optimizer?")
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def safe_mean(x: jax.Array, axis: Any, keepdims: bool = False) -> jax.Array:
+  """``jnp.mean``, but 0 (not NaN) over axes of size 0 (a zero-size parameter's statistics).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from slimoptax._tree import safe_mean
+    >>> safe_mean(jnp.ones((3, 0)), 1).tolist()
+    [0.0, 0.0, 0.0]
+  """
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if any(x.shape[a] == 0 for a in axes):
+    return jnp.sum(x, axis=axes, keepdims=keepdims)  # zeros of the reduced shape
+  return jnp.mean(x, axis=axes, keepdims=keepdims)
+
+
 __all__ = [
-    "canonical_dtype", "check_float_params", "is_param_like", "leaves_like", "map_update",
-    "named_leaves", "path_str", "shape_of", "state_leaves", "zeros_like_tree",
+    "canonical_dtype", "check_float_params", "check_range", "check_state", "checked_chain",
+    "float_dtype", "is_param_like", "leaves_like", "map_update", "named_leaves", "path_str",
+    "safe_mean", "shape_of", "state_leaves", "static_int", "zeros_like_tree",
 ]

@@ -17,6 +17,17 @@ unknown label       a path no rule matches, a rule label that is not a layer
 empty tree          supported: empty state, empty updates
 scalars             supported, never reduced (Adam on the scalar)
 bare array          supported, or an error naming the (empty) path
+bad hyperparameter  out of range (``b1 = 1``, ``b2 > 1``, ``eps < 0``, ...):
+                    error at construction naming the argument
+non-float dtype     ``mu_dtype`` / ``nu_dtype`` / ``h_dtype`` / ``dtype`` not
+                    floating: error at construction naming the argument
+zero-size leaf      supported: empty updates, finite zero statistics
+Python number leaf  error naming the parameter (parameters must be arrays)
+foreign state       a state made by another optimizer: error naming the
+                    expected state type
+inject_hyperparams  an int setting shapes or loop counts (``num_heads``,
+                    ``ns_steps``, ``num_samples``): error asking for
+                    ``static_args``; everything else is injectable
 ==================  ==========================================================
 
 One input is tested on a narrower chain: the ``orthogonalize`` case chains
@@ -279,6 +290,211 @@ def test_bare_array_message_explains_the_empty_path():
     slimoptax.slim_adamw(1e-2, compress="slimadam").init(jnp.ones((4, 4)))
 
 
+# ---------------------------------------------------------------------------
+# Hyperparameters, state dtypes, zero-size and Python-number parameters,
+# foreign states, inject_hyperparams with loop counts / shape ints.
+# ---------------------------------------------------------------------------
+
+# Per family: (keyword, out-of-range value) the case's builder accepts.
+BAD_HYPERPARAMS = {
+    "slim_adam": [("b1", 1.0), ("b2", 1.0), ("b2", 1.5), ("b1", -0.1), ("eps", -1e-8),
+                  ("weight_decay", -0.1), ("num_heads", 0)],
+    "adafactor": [("decay_rate", -0.8), ("b1", 1.0), ("eps1", -1.0), ("eps2", -1.0),
+                  ("clipping_threshold", 0.0)],
+    "sign": [("beta", 1.0), ("beta", -0.5), ("eps", -1.0)],
+    "adavar": [("tau", 1.0), ("gamma", -1.0), ("eps", -1.0)],
+    "muon": [("ns_steps", -1), ("eps", -1.0)],
+    "sophia": [("b1", 1.0), ("b2", 1.0), ("eps", 0.0), ("gamma", -1.0), ("num_samples", 0),
+               ("num_heads", 0)],
+}
+_MUON_ONLY = [("beta", 1.0), ("weight_decay", -1.0), ("adam_b1", 1.0), ("adam_b2", 1.0),
+              ("num_heads", 0)]
+
+
+def _bad_hyperparams(case):
+  return BAD_HYPERPARAMS[case.family] + (_MUON_ONLY if case.name == "muon" else [])
+
+
+def _unfixed_builder(case):
+  """The case's transform with none of its hyperparameters fixed by the matrix's builder."""
+  from slimoptax._adafactor import scale_by_adafactor
+  from slimoptax._adavar import scale_by_adavar
+  from slimoptax._sign import scale_by_sign
+  return {"sign": lambda **kw: scale_by_sign(mode=case.name.split("-")[1], **kw),
+          "adavar": scale_by_adavar, "adafactor": scale_by_adafactor}.get(case.family, case.build)
+
+
+@pytest.mark.parametrize("case", w.case_params())
+def test_out_of_range_hyperparameters_are_refused_by_name(case):
+  for name, value in _bad_hyperparams(case):
+    with pytest.raises(ValueError, match=rf"\b{name}\b") as err:
+      _unfixed_builder(case)(**{name: value})
+    assert str(value) in str(err.value), (name, str(err.value))
+
+
+def test_hyperparameter_bounds():
+  from slimoptax._sophia import scale_by_hutchinson
+  slimoptax.slim_adamw(1e-2, b1=0.0, b2=0.0, eps=0.0, weight_decay=0.0)  # the closed ends
+  with pytest.raises(ValueError, match=r"b2 must be in \[0.0, 1.0\), got 1.0"):
+    slimoptax.scale_by_slim_adam(b2=1.0)
+  with pytest.raises(ValueError, match="update_every must be in"):
+    scale_by_hutchinson(update_every=0)
+  with pytest.raises(ValueError, match="decay_rate must be in"):
+    slimoptax.scale_by_factored_second_moment(
+        1.0, decay_rate_fn=slimoptax._adafactor.decay_rate_constant)
+  with pytest.raises(ValueError, match="ns_steps must be >= 0"):
+    slimoptax.newton_schulz(jnp.ones((2, 2)), -1)
+  # Traced values (optax.inject_hyperparams under jit) cannot be checked: accepted.
+  jax.jit(lambda b: slimoptax.scale_by_slim_adam(b1=b).init({"w": jnp.ones(2)}))(jnp.float32(0.5))
+
+
+def _dtype_kwargs(case):
+  return case.dtype_kwargs or {"adafactor": ("mu_dtype",), "sign": ("mu_dtype",),
+                               "muon": ("dtype",)}[case.family]
+
+
+@pytest.mark.parametrize("case,dtype", [
+    pytest.param(c, d, id=f"{c.name}-{jnp.dtype(d).name}") for c in w.CASES
+    for d in (jnp.int32, jnp.bool_, jnp.complex64)])
+def test_non_float_state_dtypes_are_refused_by_name(case, dtype):
+  for kwarg in _dtype_kwargs(case):
+    with pytest.raises(ValueError, match=rf"{kwarg} must be a real floating-point dtype"):
+      case.build(**{kwarg: dtype})
+
+
+def _zero_size(params, name):
+  params["params"]["block_0"]["up"]["kernel"] = jnp.zeros({"zero_rows": (0, 16),
+                                                           "zero_cols": (4, 0)}[name])
+  return params
+
+
+@pytest.mark.parametrize("case,name", matrix(["zero_rows", "zero_cols"]))
+def test_zero_size_parameters_get_empty_updates_and_zero_states(case, name):
+  """A dimension 0: supported; empty updates, finite zero statistics, never NaN or a crash."""
+  params = _zero_size(w.small_params(), name)
+  tx = case.build()
+  state = tx.init(params)
+  for t in range(2):
+    grads = _zero_size(w.grads_at(params, t), name)
+    updates, state = _update(tx, case, grads, state, params)
+    params = optax.apply_updates(params, updates)
+    assert updates["params"]["block_0"]["up"]["kernel"].shape == grads["params"]["block_0"]["up"][
+        "kernel"].shape
+    for path, x in named_leaves((params, state, updates)):
+      if jnp.issubdtype(x.dtype, jnp.inexact):
+        assert bool(jnp.all(jnp.isfinite(x))), path
+  for path, x in named_leaves(state):
+    if path.endswith(UP) and jnp.issubdtype(x.dtype, jnp.inexact):
+      assert not bool(jnp.any(x)), (path, x)  # a statistic over nothing is 0
+
+
+def test_zero_size_factored_parameter():
+  tx = slimoptax.scale_by_factored_second_moment(factored_axes="last_two", min_dim_size_to_factor=0)
+  g = {"w": jnp.zeros((4, 0))}
+  u, state = tx.update(g, tx.init(g))
+  assert u["w"].shape == (4, 0)
+  assert state.v_row["w"].tolist() == [0.0] * 4 and state.v_col["w"].shape == (0,)
+
+
+def test_muon_on_an_empty_matrix():
+  params = {"mlp": {"up": {"kernel": jnp.ones((0, 8))}}}
+  tx = slimoptax.muon(1e-2)
+  updates, _ = tx.update(params, tx.init(params), params)
+  assert updates["mlp"]["up"]["kernel"].shape == (0, 8)
+  assert slimoptax._muon.matrix_shape((0, 8), optax.contrib.MuonDimensionNumbers()) == (1, 0, 8)
+
+
+@pytest.mark.parametrize("case", w.case_params())
+def test_python_number_parameters_are_refused_by_name(case):
+  params = w.small_params()
+  params["params"]["scale"] = 1.0
+  tx = case.build()
+
+  def init_and_update():
+    state = tx.init(params)
+    return _update(tx, case, w.grads_at(w.small_params(), 0), state, params)
+
+  _raises_naming(init_and_update, "params/scale", "not an array", "jnp.asarray")
+
+
+_OWN_STATES = (slimoptax.ScaleBySlimAdamState, slimoptax.ScaleByAdafactorState,
+               slimoptax.ScaleBySignState, slimoptax.ScaleByAdaVarState, slimoptax.ScaleByMuonState,
+               slimoptax.ScaleByHutchinsonState)
+
+
+@pytest.mark.parametrize("case", w.case_params())
+def test_a_state_made_by_another_optimizer_is_refused(case):
+  """Each slimoptax state in the case's state replaced by optax's TraceState (optax.sgd's)."""
+  params = w.small_params()
+  tx = case.build()
+  state = tx.init(params)
+  own = lambda x: isinstance(x, _OWN_STATES)
+  expected = {type(x).__name__ for x in jax.tree.leaves(state, is_leaf=own) if own(x)}
+  foreign = jax.tree.map(lambda x: optax.TraceState(trace=x.count) if own(x) else x, state,
+                         is_leaf=own)
+  if not expected:  # orthogonalize: stateless, behind optax.trace
+    assert case.name == "orthogonalize"
+    foreign, expected = (state[0], optax.TraceState(trace=jnp.zeros(())), *state[2:]), {"EmptyState"}
+  with pytest.raises(ValueError, match="another optimizer") as err:
+    _update(tx, case, w.grads_at(params, 0), foreign, params)
+  msg = str(err.value)
+  assert "TraceState" in msg and any(f"expected {e}" in msg for e in expected), msg
+
+
+@pytest.mark.parametrize("other", ["sgd", "sgd_momentum", "adam", "adamw"])
+@pytest.mark.parametrize("alias", ["slim_adamw", "sophia", "muon"])
+def test_aliases_refuse_another_optimizers_state(alias, other):
+  params = w.small_params()
+  state = {"sgd": lambda: optax.sgd(1e-2), "sgd_momentum": lambda: optax.sgd(1e-2, momentum=0.9),
+           "adam": lambda: optax.adam(1e-2), "adamw": lambda: optax.adamw(1e-2)}[other]().init(params)
+  tx = {"slim_adamw": lambda: slimoptax.slim_adamw(1e-2, compress="slimadam"),
+        "sophia": lambda: slimoptax.sophia(1e-2), "muon": lambda: slimoptax.muon(1e-2)}[alias]()
+  with pytest.raises(ValueError, match=r"slimoptax\.\w+ got a .* state; expected .*another optimizer"):
+    tx.update(w.grads_at(params, 0), state, params, obj_fn=w.quad_loss)
+
+
+# Per family: an int argument that sets shapes or a loop count (None: every argument injectable).
+STATIC_INTS = {"slim_adam": ("num_heads", 4), "muon": ("ns_steps", 5), "sophia": ("num_samples", 1),
+               "adafactor": None, "sign": None, "adavar": None}
+INJECTABLE = {"adafactor": ("decay_rate", 0.8), "sign": ("eps", 0.0), "adavar": ("tau", 0.9)}
+
+
+def _factory(case, *names):
+  """``case.build`` with a signature inject_hyperparams can read (keyword-only ``names``)."""
+  import inspect
+
+  def factory(**kw):
+    return case.build(**kw)
+
+  factory.__signature__ = inspect.Signature(
+      [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names])
+  return factory
+
+
+@pytest.mark.parametrize("case", w.case_params())
+def test_inject_hyperparams_asks_for_static_args(case):
+  """An int that picks shapes / loop counts, traced by inject_hyperparams: named, static_args given."""
+  params = w.small_params()
+  static = STATIC_INTS[case.family]
+  if static is None:  # nothing to make static: the injected case runs
+    # (mollified Signum's builder fixes beta and eps: nothing left to inject.)
+    kwargs = {} if case.name == "sign-mollified" else dict([INJECTABLE[case.family]])
+    inj = optax.inject_hyperparams(_factory(case, *kwargs))(**kwargs)
+  else:
+    name, value = static
+    with pytest.raises(ValueError, match=rf'{name} must be a Python int.*static_args=\("{name}",\)'):
+      optax.inject_hyperparams(_factory(case, name))(**{name: value}).init(params)
+    inj = optax.inject_hyperparams(_factory(case, name), static_args=(name,))(**{name: value})
+  _, _, updates = w.make_step(inj, case)(params, inj.init(params), w.grads_at(params, 0))
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_inject_hyperparams_adafactor_min_dim_size_to_factor():
+  with pytest.raises(ValueError, match=r'static_args=\("min_dim_size_to_factor",\)'):
+    optax.inject_hyperparams(slimoptax.scale_by_adafactor)(min_dim_size_to_factor=1).init(
+        {"w": jnp.ones((2, 2))})
+
+
 def test_slim_adam_keeps_state_dtypes_with_array_betas():
   """An array-valued beta (float32, not weak) must not promote a bf16 state."""
   params = w.small_params(jnp.bfloat16)
@@ -343,3 +559,39 @@ def test_fan_rules_cover_bare_arrays():
   rules = factored_rules()
   assert rules.match("", ()).axes == ()
   assert rules.match("", (4, 4)).axes == (-2, -1)
+
+
+# --- Rules, JSON and state lookups ---
+# One line per input: (id, what is fed, the error it gets, or None where it is supported).
+
+_TWO = (jnp.ones((4, 8)), jnp.ones((8, 4)))
+_SMALL = {"mlp": {"up": {"kernel": jnp.ones((4, 8))}}, "ln": {"scale": jnp.ones(4)}}
+_MASK = {"mlp": {"up": {"kernel": True}}, "ln": {"scale": False}}
+_V1 = '{"format": "slimoptax.rules/v1", "rules": [%s]}'
+LOOKUP_CASES = [
+    ("rules-invalid-regex", lambda: Rules([("up/(kernel", "mlp_up", (1,))]), r"pattern='up/\(kernel', label='mlp_up'\): invalid regular expression"),
+    ("json-invalid-regex", lambda: Rules.from_json(_V1 % '{"pattern": "[", "label": "x", "axes": []}'), r"rules\[0\] \(pattern='\[', label='x'\): invalid regular expression"),
+    ("json-top-level-list", lambda: Rules.from_json('[{"pattern": "up", "label": "x", "axes": []}]'), r"expected an object with a 'rules' list or a flat \{name: \[axes\] \| null\} mapping, got a list"),
+    ("json-missing-rules", lambda: Rules.from_json('{"format": "slimoptax.rules/v1"}'), r"missing key 'rules'"),
+    ("json-missing-pattern", lambda: Rules.from_json(_V1 % '{"label": "x", "axes": []}'), r"rules\[0\] .*missing key 'pattern'"),
+    ("json-missing-label", lambda: Rules.from_json(_V1 % '{"pattern": "up", "axes": []}'), r"rules\[0\] .*missing key 'label'"),
+    ("json-missing-axes", lambda: Rules.from_json(_V1 % '{"pattern": "up", "label": "x"}'), r"rules\[0\] .*missing key 'axes'"),
+    ("json-wrong-axes", lambda: Rules.from_json(_V1 % '{"pattern": "up", "label": "x", "axes": 1}'), r"rules\[0\] .*'axes' must be a list"),
+    ("json-invalid-text", lambda: Rules.from_json('{"up": [1],}'), r"invalid JSON: .* at line 1, column 12"),
+    ("json-missing-file", lambda: Rules.from_json("no/such/rules.json"), r"rules file 'no/such/rules.json' not found"),
+    ("rules-list-for-a-tuple", lambda: slimoptax.slim_adamw(1e-3, compress=[[0], [1]]).init(_TWO), r"at the top level is a list where the parameters have a tuple \(parameter '0'\): give axes as tuples \(lists are pytree nodes\)"),
+    ("rules-axes-for-a-subtree", lambda: slimoptax.compression_axes(_SMALL, {"mlp": [0, 1], "ln": {"scale": ()}}), r"at 'mlp' is the axes \[0, 1\].*\(parameter 'mlp/up/kernel'\)"),
+    ("rules-list-axes-at-a-leaf", lambda: slimoptax.compression_axes(_TWO, ((0,), [1])), None),
+    ("masked-adam-lookup", lambda: slimoptax.memory_report(optax.masked(optax.adam(1e-3), _MASK).init(_SMALL), _SMALL), None),
+    ("masked-slim-adamw-lookup", lambda: slimoptax.find_second_moment(optax.chain(optax.masked(slimoptax.slim_adamw(1e-3), _MASK)).init(_SMALL), _SMALL), None),
+    ("lookup-without-adam", lambda: slimoptax.memory_report(optax.sgd(1e-3, momentum=0.9).init(_SMALL), _SMALL), r"no second moment `nu`.*the state holds \['TraceState'"),
+]
+
+
+@pytest.mark.parametrize("fn,error", [pytest.param(f, e, id=i) for i, f, e in LOOKUP_CASES])
+def test_rules_json_and_state_lookups(fn, error):
+  if error is None:
+    fn()  # supported
+    return
+  with pytest.raises((ValueError, TypeError, FileNotFoundError), match=error):
+    fn()
