@@ -37,7 +37,7 @@ import math
 
 import slimoptax
 from experiments._lib import data, model, report
-from experiments._lib.plots import log_y, pyplot, save
+from experiments._lib.plots import finish_panels, log_y, pyplot
 from experiments._lib.train import train_lm
 
 # Display names and Table 3 of the paper, per depth group (see slimoptax.depth_group).
@@ -105,12 +105,7 @@ def plot_trajectories(tracker, names, path, *, title):
     log_y(ax)
     ax.set_title(name, fontsize=8)
     ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
-  for ax in list(axs.flat)[len(names):]:
-    ax.axis("off")
-  fig.suptitle(title, fontsize=10)
-  save(fig, path, dpi=100)
+  finish_panels(fig, axs, len(names), title, path)
 
 
 def plot_depth(table, shapes, candidates, path, *, title):
@@ -136,12 +131,7 @@ def plot_depth(table, shapes, candidates, path, *, title):
     ax.set_title(f"{GROUPS[group][0]} ({group})", fontsize=8)
     ax.set_xlabel("layer", fontsize=8)
     ax.set_xticks([i for i, _, _ in items])
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
-  for ax in list(axs.flat)[len(order):]:
-    ax.axis("off")
-  fig.suptitle(title, fontsize=10)
-  save(fig, path, dpi=100)
+  finish_panels(fig, axs, len(order), title, path)
 
 
 # -----------------------------------------------------------------------------

@@ -150,6 +150,12 @@ def saved_state_metadata(checkpointer: Any, path: Any) -> dict[str, tuple[tuple[
         f"no metadata of a saved tree at checkpoint {what} (no checkpoint there, an empty "
         "directory, or its _METADATA file is missing)")
   return _shapes(tree)
+def _listing(problems: list[str], limit: int) -> str:
+  """The first ``limit`` problems, one per indented line, and how many more there are."""
+  more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+  return "\n  " + "\n  ".join(problems[:limit]) + more
+
+
 def check_state_compatible(
     saved: dict[str, tuple[tuple[int, ...], Any]],
     target: Any,
@@ -184,11 +190,9 @@ def check_state_compatible(
   problems += [f"{path!r}: in the {where} (shape {saved[path][0]}) but not in the target"
                for path in saved if path not in expected]
   if problems:
-    shown = "\n  ".join(problems[:20])
-    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     raise StateMismatchError(
         f"the {where} does not match the optimizer state it is restored into "
-        f"({len(problems)} difference(s)):\n  {shown}{more}\n"
+        f"({len(problems)} difference(s)):{_listing(problems, 20)}\n"
         "Was it written with other compression rules (compress= / factored_axes= / dims=), "
         "another optimizer, or for other parameters? Build the optimizer exactly as when it "
         "was saved (or re-initialise the state).")
@@ -361,11 +365,9 @@ def _verify(restored: Any, sums: dict[str, dict[str, Any]], where: str) -> None:
   problems += [f"{path!r}: has a checksum but is not in the checkpoint"
                for path in sums if path not in seen]
   if problems:
-    shown = "\n  ".join(problems[:50])
-    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
     raise CheckpointIntegrityError(
         f"the {where} is corrupted: {len(problems)} leaf/leaves fail the checksums written by "
-        f"save_state:\n  {shown}{more}\n"
+        f"save_state:{_listing(problems, 50)}\n"
         "Its files were changed after saving (disk or transfer corruption, a partial copy); "
         "restore an earlier checkpoint.")
 

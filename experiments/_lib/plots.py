@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["log_y", "pyplot", "save"]
+__all__ = ["finish_panels", "log_y", "pyplot", "save"]
 
 
 def pyplot():
@@ -37,3 +37,15 @@ def save(fig, path, *, dpi: int = 100, tight: bool = True) -> None:
     fig.tight_layout()
   fig.savefig(path, dpi=dpi)
   pyplot().close(fig)
+
+
+def finish_panels(fig, axs, used: int, title: str, path, *, dpi: int = 100) -> None:
+  """Small tick labels and a legend on the first ``used`` panels, the rest hidden; title; `save`."""
+  panels = list(axs.flat)
+  for ax in panels[:used]:
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+  for ax in panels[used:]:
+    ax.axis("off")
+  fig.suptitle(title, fontsize=10)
+  save(fig, path, dpi=dpi)
