@@ -160,11 +160,6 @@ def check_float_params(params: Any, *, what: str = "params") -> None:
           "parameters (integer parameters have no gradient: exclude them with optax.masked)")
 
 
-def canonical_dtype(dtype: Any) -> Any:
-  """``None`` stays ``None`` (meaning "the parameters' dtype"); anything else is canonicalized."""
-  return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
-
-
 def zeros_like_tree(params: Any, dtype: Any = None) -> Any:
   """Zeros shaped like each parameter, in ``dtype`` (default: each parameter's own)."""
   return jax.tree.map(lambda p: jnp.zeros(shape_of(p), dtype or p.dtype), params)
@@ -424,7 +419,7 @@ def safe_mean(x: jax.Array, axis: Any, keepdims: bool = False) -> jax.Array:
 
 
 __all__ = [
-    "canonical_dtype", "check_float_params", "check_range", "check_state", "checked_chain",
+    "check_float_params", "check_range", "check_state", "checked_chain",
     "float_dtype", "is_param_like", "leaves_like", "map_update", "named_leaves", "path_str",
     "safe_mean", "shape_of", "state_leaves", "static_int", "zeros_like_tree",
 ]
