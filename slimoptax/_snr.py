@@ -227,8 +227,25 @@ class SNRTracker:
     return out
 
   def measure(self, opt_state: Any) -> dict[str, dict[tuple[int, ...], float]]:
-    """SNR of every candidate for the current state (no recording)."""
+    """SNR of every candidate for the current state (no recording).
+
+    Raises:
+      ValueError: if the state's second moment of a parameter is already
+        compressed (averaged along some axes, e.g. a SlimAdam state): SNR_K
+        measures Adam's full per-coordinate second moments; the message names
+        the parameters.
+    """
     nu = find_second_moment(opt_state, self._template)
+    compressed = [(p, tuple(np.shape(x)), self.shapes[p])
+                  for p, x in _tree.named_leaves(nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+                  if not isinstance(x, optax.MaskedNode) and tuple(np.shape(x)) != self.shapes[p]]
+    if compressed:
+      listed = ", ".join(f"{p!r} {s} for a {full} parameter" for p, s, full in compressed[:4])
+      raise ValueError(
+          f"SNRTracker: the second moment of {len(compressed)} parameter(s) in this state is already "
+          f"compressed ({listed}{', ...' if len(compressed) > 4 else ''}); SNR is measured on full, "
+          "per-coordinate Adam second moments: track a run of optax.adam / adamw or "
+          "slim_adamw(compress=None)")
     masked = [p for p, x in _tree.named_leaves(nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
               if isinstance(x, optax.MaskedNode) and p not in self.skipped]
     if masked:
@@ -255,9 +272,18 @@ class SNRTracker:
     return False
 
   def time_average(self) -> dict[str, dict[tuple[int, ...], float]]:
-    """Eq. 4: the mean SNR over recorded steps, per parameter and candidate."""
-    return {p: {c: _nanmean([x for _, x in pts]) for c, pts in per.items()}
-            for p, per in self.history.items()}
+    """Eq. 4: the mean SNR over recorded steps, per parameter and candidate.
+
+    Raises:
+      ValueError: if nothing was recorded (no `record` / `maybe_record` on a
+        scheduled step): rules derived from an empty table would compress nothing.
+    """
+    if not any(pts for per in self.history.values() for pts in per.values()):
+      raise ValueError(
+          f"SNRTracker recorded nothing: no step was measured (every={self.every}, steps="
+          f"{sorted(self.steps)}); call maybe_record(step, opt_state) every step, or record(step, "
+          "opt_state), before time_average / derive_rules")
+    return time_average(self.history)
 
   def depth_average(self) -> dict[str, dict[tuple[int, ...], float]]:
     """App. H: time-averaged SNR averaged over layers of the same type."""
@@ -363,6 +389,18 @@ def derive_rules(
     >>> tx.init(params)[0].nu["mlp"]["up"]["kernel"].shape
     (4, 1)
   """
+  if not snr_table:
+    raise ValueError("derive_rules: the SNR table is empty (no parameter measured); record SNRs first "
+                     "(SNRTracker.maybe_record during training, or load_snr_csv)")
+  empty = [name for name, per in snr_table.items() if not per]
+  nan = [name for name, per in snr_table.items()
+         if per and not any(math.isfinite(float(v)) for v in per.values())]
+  if empty or nan:
+    warnings.warn(
+        "derive_rules: no finite SNR for " + "; ".join(
+            part for part in (f"{len(empty)} parameter(s) with no candidates: {empty[:5]}" if empty else "",
+                              f"{len(nan)} parameter(s) whose SNRs are all NaN/inf: {nan[:5]}" if nan else "")
+            if part) + "; they get no compression", stacklevel=2)
   out = []
   for name, per in snr_table.items():
     cands = {tuple(int(a) for a in axes): float(v) for axes, v in per.items()}

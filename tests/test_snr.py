@@ -182,3 +182,35 @@ def test_no_adam_state_names_what_was_found():
     snr_lib.find_second_moment(optax.adam(1e-3).init({"other": jnp.ones(3)}), MASK_PARAMS)
   with pytest.raises(ValueError, match="the state holds"):
     slimoptax.SNRTracker(MASK_PARAMS).measure(state)
+
+
+# --- Guards of the SNR -> rules pipeline ---
+
+
+def test_tracker_that_recorded_nothing_raises():
+  params = {"w": jnp.ones((3, 5))}
+  tracker = slimoptax.SNRTracker(params, every=100, steps=())
+  state = optax.adam(1e-3).init(params)
+  assert not tracker.maybe_record(7, state)  # off schedule: nothing recorded
+  with pytest.raises(ValueError, match=r"recorded nothing.*every=100"):
+    tracker.time_average()
+  with pytest.raises(ValueError, match="recorded nothing"):
+    tracker.depth_average()
+  with pytest.raises(ValueError, match="SNR table is empty"):
+    slimoptax.derive_rules({})
+
+
+def test_tracking_a_compressed_second_moment_names_the_parameter():
+  params = {"mlp": {"up": {"kernel": jnp.ones((4, 6))}}, "ln": {"scale": jnp.ones(4)}}
+  state = slimoptax.slim_adamw(1e-3, compress="slimadam").init(params)
+  tracker = slimoptax.SNRTracker(params)
+  with pytest.raises(ValueError, match=r"already compressed.*'mlp/up/kernel' \(4, 1\) for a \(4, 6\)"):
+    tracker.record(1, state)
+
+
+def test_nan_and_empty_rows_of_an_snr_table_warn_by_name():
+  table = {"a/kernel": {(0,): float("nan"), (1,): float("nan")}, "b/kernel": {}, "c/kernel": {(1,): 3.0}}
+  shapes = {"a/kernel": (4, 4), "b/kernel": (4, 4), "c/kernel": (4, 4)}
+  with pytest.warns(UserWarning, match=r"no candidates: \['b/kernel'\].*all NaN/inf: \['a/kernel'\]"):
+    rules = slimoptax.derive_rules(table, 1.0, shapes=shapes)
+  assert [r.axes for r in rules] == [(), (), (1,)]
