@@ -17,6 +17,7 @@ from slimoptax.layers import axis_roles
 from slimoptax.presets import PRESETS
 from slimoptax.presets import layer_type
 from slimoptax.presets import preset
+from slimoptax.rules import GenericLayerWarning
 from slimoptax.rules import Rule
 from slimoptax.rules import Rules
 from slimoptax.rules import compression_axes
@@ -110,6 +111,7 @@ __all__ = (
     "QUINTIC_COEFFS",
     "Reshaped",
     "ReshapedDims",
+    "GenericLayerWarning",
     "Rule",
     "Rules",
     "SNRTracker",

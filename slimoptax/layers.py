@@ -127,6 +127,9 @@ def axis_roles(
 _ATTN = r"(attn|attention|self_attn|self_attention|mha|multiheaddotproductattention(_\d+)?|multiheadattention(_\d+)?)"
 _MLP = r"(mlp|ffn|ff|feed_forward|feedforward|mlpblock(_\d+)?|mlp_block)"
 _W = r"(kernel|weight|w)"
+# The last recognizer: any kernel / weight that no name above tells the role of. Presets whose axes
+# depend on the role warn about (or, strict, refuse) the parameters only this pattern matches.
+GENERIC_KERNEL_PATTERN = r"(^|[/.])(kernel|weight|w)$"
 
 # Ordered (regex, layer type) recognizers; matched with re.search, case-insensitive,
 # against the "/"-joined path. The first match wins.
@@ -156,8 +159,8 @@ LAYER_PATTERNS: tuple[tuple[str, str], ...] = (
     (rf"(^|[/.]){_MLP}[/.](dense_0|linear_0|layers_0)[/.]{_W}$", "mlp_up"),
     # Convolutions and everything else.
     (r"(^|[/.])\w*conv\w*([/.]\d+)?[/.](kernel|weight)$", "conv"),
-    (r"(^|[/.])(kernel|weight|w)$", "dense"),
+    (GENERIC_KERNEL_PATTERN, "dense"),
 )
 
 
-__all__ = ["LAYER_PATTERNS", "LAYER_TYPES", "ROLE_NAMES", "Reshaped", "axis_roles"]
+__all__ = ["GENERIC_KERNEL_PATTERN", "LAYER_PATTERNS", "LAYER_TYPES", "ROLE_NAMES", "Reshaped", "axis_roles"]

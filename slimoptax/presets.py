@@ -112,6 +112,8 @@ def preset(
     *,
     num_heads: int | None = None,
     overrides: Mapping[str, Sequence[SemanticAxis] | str] | None = None,
+    layer_types: Mapping[str, str] | None = None,
+    strict: bool = False,
 ) -> Rules:
   """The rules of a named preset.
 
@@ -135,9 +137,27 @@ def preset(
       kernels are 2-D ``(d, H*hd)``.
     overrides: ``{layer_type: axes}`` replacing the preset's axes for those
       layer types; an unknown layer type is an error.
+    layer_types: ``{path pattern: layer_type}`` naming the role of parameters
+      that the recognizers cannot tell from their names (``{"^Dense_4/kernel$":
+      "head"}``), matched before them; each gets the preset's axes for that
+      type.
+    strict: refuse (ValueError naming them) parameters that only the generic
+      ``kernel|weight|w`` pattern recognizes, whose role would be a guess;
+      without it, presets whose axes depend on the role warn once
+      (`slimoptax.GenericLayerWarning`) and `Rules.table` marks them ``?``.
 
   Returns:
     A `Rules` object.
+
+  Example:
+    >>> import warnings, jax.numpy as jnp, slimoptax
+    >>> params = {"Dense_0": {"kernel": jnp.zeros((8, 32))}, "Dense_1": {"kernel": jnp.zeros((32, 100))}}
+    >>> rules = slimoptax.preset("slimadam", layer_types={r"^Dense_1/kernel$": "head"})
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   axes = slimoptax.compression_axes(params, rules)
+    >>> axes, [type(w.message).__name__ for w in caught]  # Dense_0 is a guess: one warning names it
+    ({'Dense_0': {'kernel': (1,)}, 'Dense_1': {'kernel': (0,)}}, ['GenericLayerWarning'])
   """
   key = name.lower().replace("_", "-")
   if key not in _PRESET_AXES:
@@ -149,12 +169,19 @@ def preset(
           f"override names unknown layer type {ltype!r}; preset {name!r} knows {sorted(LAYER_TYPES)}"
       )
     table[ltype] = axes if isinstance(axes, str) else tuple(axes)
-  rules = recognizers(table)
+  declared = []
+  for pattern, ltype in (layer_types or {}).items():
+    if ltype not in LAYER_TYPES:
+      raise ValueError(f"layer_types[{pattern!r}] = {ltype!r} is not a layer type; known: {sorted(LAYER_TYPES)}")
+    declared.append(Rule(pattern, ltype, table[ltype], min_ndim=0 if ltype in _VECTOR_TYPES else 2))
+  rules = declared + recognizers(table)
   uniform = {table[t] for t in LAYER_TYPES if t != "scalar"}
   if len(uniform) == 1:
     # The preset treats every layer type alike (adam, adalayer): any tensor will do.
     rules.append(Rule(r"^", "dense", uniform.pop(), warn_unused=False, min_ndim=2))
-  return Rules(rules, name=key, num_heads=num_heads)
+  # A generic "dense" match is a guess when another matrix type would get other axes.
+  role_dependent = any(table[t] != table["dense"] for t in LAYER_TYPES if t not in _VECTOR_TYPES)
+  return Rules(rules, name=key, num_heads=num_heads, role_dependent=role_dependent, strict=strict)
 
 
 

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from slimoptax._tree import is_param_like, leaves_like, named_leaves, path_str, shape_of
-from slimoptax.layers import LAYER_TYPES, ROLE_NAMES, Reshaped, axis_roles
+from slimoptax.layers import GENERIC_KERNEL_PATTERN, LAYER_TYPES, ROLE_NAMES, Reshaped, axis_roles
 
 Axes = tuple[int, ...]
 SemanticAxis = Union[int, str]
@@ -49,6 +49,16 @@ SemanticAxis = Union[int, str]
 # --------------------------------------------------------------------------
 
 UNSUPPORTED = "unsupported"
+
+
+class GenericLayerWarning(UserWarning):
+  """Parameters whose layer type only the generic ``kernel|weight|w`` pattern gave (a guess: "dense").
+
+  Raised once per resolution by presets whose axes depend on the layer role
+  (``"slimadam"``, ``"adam-mini"``, ``"adalayer+ln+tn"``); ``strict=True``
+  makes it an error. Name their layer types (``preset(..., layer_types=...)``)
+  to silence it.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +137,25 @@ class Rules:
   """
 
   def __init__(self, rules: Iterable[Rule | Sequence[Any]] = (), *, name: str = "custom",
-               num_heads: int | None = None):
+               num_heads: int | None = None, role_dependent: bool = False, strict: bool = False):
     self.rules: tuple[Rule, ...] = tuple(_as_rule(i, r) for i, r in enumerate(rules))
     self.name = name
     self.num_heads = num_heads
+    # Set by presets whose axes differ between layer roles: a generic "dense" match is a guess there.
+    self.role_dependent = bool(role_dependent)
+    self.strict = bool(strict)
 
   def __add__(self, other: "Rules") -> "Rules":
     if not isinstance(other, Rules):
       return NotImplemented
     return Rules(self.rules + other.rules, name=f"{self.name}+{other.name}",
-                 num_heads=self.num_heads if self.num_heads is not None else other.num_heads)
+                 num_heads=self.num_heads if self.num_heads is not None else other.num_heads,
+                 role_dependent=self.role_dependent or other.role_dependent,
+                 strict=self.strict or other.strict)
+
+  def is_generic(self, rule: Rule) -> bool:
+    """Whether ``rule`` is the generic kernel recognizer of a role-dependent preset (its "dense" is a guess)."""
+    return self.role_dependent and rule.label == "dense" and rule.pattern == GENERIC_KERNEL_PATTERN
 
   def __iter__(self):
     return iter(self.rules)
@@ -159,12 +178,17 @@ class Rules:
         return rule
     raise ValueError(f"no rule of {self.name!r} matches parameter {path!r} with shape {tuple(shape)}")
 
-  def match_all(self, params: Any, *, warn: bool = True) -> list[tuple[str, tuple[int, ...], Rule]]:
+  def match_all(self, params: Any, *, warn: bool = True,
+                generic: bool = True) -> list[tuple[str, tuple[int, ...], Rule]]:
     """The first matching rule of every leaf: ``[(path, shape, rule), ...]``.
+
+    With ``warn``, rules that match nothing warn, and so (once, listing them:
+    `GenericLayerWarning`) do leaves that only the generic kernel pattern of a
+    role-dependent preset matched; ``generic=False`` skips that check.
 
     Raises:
       ValueError: naming a parameter that no rule matches (nothing is left
-        uncompressed silently).
+        uncompressed silently); under ``strict``, naming the generic leaves.
     """
     out = []
     used = set()
@@ -179,6 +203,8 @@ class Rules:
             f"for it (nothing is left uncompressed silently){hint}")
       used.add(idx)
       out.append((path, shape, self.rules[idx]))
+    if generic:
+      self._check_generic(out, warn=warn)
     if warn:
       for i, rule in enumerate(self.rules):
         if rule.warn_unused and i not in used:
@@ -187,10 +213,27 @@ class Rules:
               stacklevel=3)
     return out
 
-  def resolve(self, params: Any, *, warn: bool = True) -> list[tuple[str, tuple[int, ...], Rule, Axes | Reshaped]]:
+  def _check_generic(self, matched: list[tuple[str, tuple[int, ...], Rule]], *, warn: bool) -> None:
+    """One `GenericLayerWarning` (``strict``: a ValueError) listing the leaves only the generic pattern matched."""
+    generic = [(path, shape) for path, shape, rule in matched if self.is_generic(rule)]
+    if not generic or not (warn or self.strict):
+      return
+    listed = ", ".join(f"{p!r} {s}" for p, s in generic[:6]) + (" ..." if len(generic) > 6 else "")
+    example = generic[0][0]
+    message = (
+        f"{self.name!r}: {len(generic)} parameter(s) matched only by the generic kernel pattern, so their "
+        f"layer role is a guess (\"dense\", the preset's axes for a hidden Dense layer): {listed}. If one is "
+        f"an output head, an attention or MLP kernel, say so: slimoptax.preset({self.name.split('+')[-1]!r}, "
+        f"layer_types={{{exact_pattern(example)!r}: 'head'}}) (layer types: {', '.join(sorted(LAYER_TYPES))})")
+    if self.strict:
+      raise ValueError(message + "; strict=True refuses the guess")
+    warnings.warn(message, GenericLayerWarning, stacklevel=4)
+
+  def resolve(self, params: Any, *, warn: bool = True,
+              generic: bool = True) -> list[tuple[str, tuple[int, ...], Rule, Axes | Reshaped]]:
     """Resolves every leaf: ``[(path, shape, rule, axes_or_reshaped), ...]`` (see `rule_axes`)."""
     return [(path, shape, rule, rule_axes(rule, path, shape, self.num_heads))
-            for path, shape, rule in self.match_all(params, warn=warn)]
+            for path, shape, rule in self.match_all(params, warn=warn, generic=generic)]
 
   def labels(self, params: Any) -> Any:
     """A pytree like ``params`` of label strings (``param_labels`` for `optax.partition`)."""
@@ -209,18 +252,22 @@ class Rules:
     """A text table: path, shape, label, axes, second moments kept."""
     rows = []
     total_kept = total = 0
-    for path, shape, rule, axes in self.resolve(params, warn=False):
+    for path, shape, rule, axes in self.resolve(params, warn=False, generic=False):
       kept = kept_entries(shape, axes)
       size = math.prod(shape)
       total_kept += kept
       total += size
-      rows.append((path, str(shape), rule.label, _axes_str(axes), f"{kept:,}"))
+      label = rule.label + ("?" if self.is_generic(rule) else "")
+      rows.append((path, str(shape), label, _axes_str(axes), f"{kept:,}"))
     header = ("path", "shape", "label", "axes", "kept")
     rows.append(("TOTAL", "", "", "", f"{total_kept:,} of {total:,} ({_pct(total_kept, total)} kept)"))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
     lines += [fmt.format(*r) for r in rows]
+    if any(r[2].endswith("?") for r in rows):
+      lines.append("? matched only by the generic kernel pattern: the layer role is a guess "
+                   "(name it with preset(..., layer_types=...))")
     return "\n".join(lines)
 
   # -- serialisation -----------------------------------------------------------
@@ -388,7 +435,8 @@ def as_rules(rules: Any, *, num_heads: int | None = None) -> Rules:
     raise TypeError(
         f"rules must be a preset name, a Rules object, a mapping or a list of rules; got {type(rules)}")
   if num_heads is not None and out.num_heads is None:
-    out = Rules(out.rules, name=out.name, num_heads=num_heads)
+    out = Rules(out.rules, name=out.name, num_heads=num_heads, role_dependent=out.role_dependent,
+                strict=out.strict)
   return out
 
 
@@ -593,6 +641,6 @@ def validate_axes(path: str, shape: tuple[int, ...], spec: Any, *, what: str = "
 
 
 __all__ = [
-    "Rule", "Rules", "UNSUPPORTED", "as_rules", "compression_axes", "exact_pattern", "kept_entries", "param_labels", "reduced_shape",
+    "GenericLayerWarning", "Rule", "Rules", "UNSUPPORTED", "as_rules", "compression_axes", "exact_pattern", "kept_entries", "param_labels", "reduced_shape",
     "resolve_tree", "rule_axes", "validate_axes",
 ]

@@ -231,11 +231,43 @@ def test_linen_auto_named_layers():
   assert lbl["MultiHeadDotProductAttention_0"]["out"]["kernel"] == "attn_out"
   assert lbl["Dense_0"] == {"kernel": "dense", "bias": "bias"}
   assert lbl["Conv_0"]["kernel"] == "conv"
-  axes = slimoptax.compression_axes(params, "slimadam")
+  # Dense_0 / DenseGeneral_0 are named by nothing but "kernel": their role is a guess, said once.
+  with pytest.warns(slimoptax.GenericLayerWarning, match=r"2 parameter\(s\).*'DenseGeneral_0/kernel' \(8, 2, 4\), "
+                    r"'Dense_0/kernel' \(8, 8\)"):
+    axes = slimoptax.compression_axes(params, "slimadam")
   # A generic n-D kernel reads as (*fan_in, fan_out); other DenseGeneral layouts need a rule.
   assert axes["DenseGeneral_0"]["kernel"] == (2,)
-  assert slimoptax.compression_axes(params, slimoptax.preset("slimadam", overrides={"embedding": ("vocab",)}))[
-      "Embed_0"]["embedding"] == (0,)
+  assert slimoptax.compression_axes(params, slimoptax.preset("slimadam", overrides={"embedding": ("vocab",)}),
+                                    warn=False)["Embed_0"]["embedding"] == (0,)
+
+
+def test_generic_kernels_warn_once_error_under_strict_and_are_marked_in_the_table():
+  params = {"Dense_0": {"kernel": jnp.zeros((8, 32)), "bias": jnp.zeros(32)},
+            "Dense_1": {"kernel": jnp.zeros((32, 10))}, "ln": {"scale": jnp.ones(8)}}
+  import warnings as _w
+  with _w.catch_warnings(record=True) as caught:
+    _w.simplefilter("always")
+    slimoptax.compression_axes(params, "slimadam")
+  generic = [w for w in caught if issubclass(w.category, slimoptax.GenericLayerWarning)]
+  assert len(generic) == 1 and "'Dense_0/kernel' (8, 32), 'Dense_1/kernel' (32, 10)" in str(generic[0].message)
+  with pytest.raises(ValueError, match=r"generic kernel pattern.*layer_types=\{'\^Dense_0/kernel\$': 'head'\}"
+                     r".*strict=True"):
+    slimoptax.compression_axes(params, slimoptax.preset("slimadam", strict=True))
+  # Declared, the head gets the preset's head axes (fan_in) and the guess is gone.
+  declared = slimoptax.preset("slimadam", layer_types={r"^Dense_1/kernel$": "head", r"^Dense_0/kernel$": "mlp_up"},
+                              strict=True)
+  axes = slimoptax.compression_axes(params, declared)
+  assert axes["Dense_1"]["kernel"] == (0,) and axes["Dense_0"]["kernel"] == (1,)
+  table = slimoptax.preset("slimadam").table(params)
+  assert "dense?" in table and "generic kernel pattern" in table
+  assert "?" not in declared.table(params)
+  # Presets that treat every role alike have nothing to guess.
+  for name in ("adam", "adalayer"):
+    with _w.catch_warnings():
+      _w.simplefilter("error")
+      slimoptax.compression_axes(params, slimoptax.preset(name, strict=True))
+  with pytest.raises(ValueError, match="is not a layer type"):
+    slimoptax.preset("slimadam", layer_types={"x": "lm_head"})
 
 
 # --- Rules, JSON and per-parameter lists: errors that name the rule, the key, the path ---
