@@ -593,8 +593,8 @@ def compression_axes(params: Any, rules: Any, *, num_heads: int | None = None,
 
   Example:
     >>> import jax.numpy as jnp, slimoptax
-    >>> params = {"params": {"Dense_0": {"kernel": jnp.zeros((8, 32))}}}
-    >>> slimoptax.compression_axes(params, "slimadam")["params"]["Dense_0"]["kernel"]
+    >>> params = {"params": {"mlp": {"up": {"kernel": jnp.zeros((8, 32))}}}}
+    >>> slimoptax.compression_axes(params, "slimadam")["params"]["mlp"]["up"]["kernel"]
     (1,)
   """
   resolved = resolve_tree(params, rules, what="rules", num_heads=num_heads, warn=warn)
