@@ -62,6 +62,13 @@ from slimoptax._muon import scale_by_matrix_shape
 from slimoptax._muon import scale_by_muon
 from slimoptax._muon import scale_by_muon_momentum
 
+# Column max descent: steepest descent under a per-column l1 budget.
+from slimoptax._column_max import ScaleByColumnMaxState
+from slimoptax._column_max import column_max_descent
+from slimoptax._column_max import column_max_direction
+from slimoptax._column_max import column_max_labels
+from slimoptax._column_max import scale_by_column_max
+
 # Sophia: diagonal curvature (Hutchinson, Gauss–Newton–Bartlett).
 from slimoptax._sophia import ScaleByHutchinsonState
 from slimoptax._sophia import gnb_estimate
@@ -117,6 +124,7 @@ __all__ = (
     "SNRTracker",
     "ScaleByAdaVarState",
     "ScaleByAdafactorState",
+    "ScaleByColumnMaxState",
     "ScaleByHutchinsonState",
     "ScaleByMuonState",
     "ScaleBySignState",
@@ -126,6 +134,9 @@ __all__ = (
     "abstract_state",
     "axis_roles",
     "checkpoint",
+    "column_max_descent",
+    "column_max_direction",
+    "column_max_labels",
     "compression_axes",
     "default_weight_decay_mask",
     "depth_average",
@@ -158,6 +169,7 @@ __all__ = (
     "rules_io",
     "scale_by_adafactor",
     "scale_by_adavar",
+    "scale_by_column_max",
     "scale_by_factored_second_moment",
     "scale_by_hutchinson",
     "scale_by_matrix_shape",
