@@ -17,10 +17,12 @@ every compressed optimizer to Adam as a function of training length:
    sets the initialisation and the batch order): Adam, SlimAdam with the
    derived rules, SlimAdam with the paper's Table 3 rules (the ``"slimadam"``
    preset), Adam-mini and AdaLayer;
-4. the gap of each optimizer is its final validation loss (on the first 64
-   contiguous validation batches, 65,536 tokens; the curves use the first 16,
-   the main job's evaluation) minus Adam's at the same seed; the table gives
-   the mean over seeds and, beside it, half the seed-to-seed range of that gap.
+4. the gap of each optimizer is its final validation loss (on the whole
+   validation split: 45 contiguous batches of 16 x 64, 46,080 tokens, as
+   ``--final-eval-batches 64`` caps at what there is; the curves use the first
+   16, the main job's evaluation) minus Adam's at the same seed; the table
+   gives the mean over seeds and, beside it, half the seed-to-seed range of
+   that gap.
 
 The schedule is the main job's at every length: linear warm-up over 7.5% of
 the steps (60 of 800), cosine decay to a tenth of the peak, global-norm
