@@ -11,6 +11,7 @@ from slimoptax import layers
 from slimoptax import presets
 from slimoptax import rules
 from slimoptax import rules_io
+from slimoptax import trace
 from slimoptax.layers import LAYER_TYPES
 from slimoptax.layers import Reshaped
 from slimoptax.layers import axis_roles
@@ -22,6 +23,9 @@ from slimoptax.rules import Rule
 from slimoptax.rules import Rules
 from slimoptax.rules import compression_axes
 from slimoptax.rules import param_labels
+from slimoptax.trace import TracedRoles
+from slimoptax.trace import compare_with_names
+from slimoptax.trace import trace_roles
 
 # SlimAdam (AdaLayer, Adam-mini and Adam through other axes).
 from slimoptax._slim_adam import ScaleBySlimAdamState
@@ -130,6 +134,7 @@ __all__ = (
     "ScaleBySignState",
     "ScaleBySlimAdamState",
     "StateMismatchError",
+    "TracedRoles",
     "abstract_sharded_state",
     "abstract_state",
     "axis_roles",
@@ -137,6 +142,7 @@ __all__ = (
     "column_max_descent",
     "column_max_direction",
     "column_max_labels",
+    "compare_with_names",
     "compression_axes",
     "default_weight_decay_mask",
     "depth_average",
@@ -186,5 +192,7 @@ __all__ = (
     "sophia_win_rate",
     "state_shardings",
     "time_average",
+    "trace",
+    "trace_roles",
     "tree_bytes",
 )

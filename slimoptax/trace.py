@@ -1,0 +1,268 @@
+"""Axis roles read from the computation: what each axis of a parameter does where it is used.
+
+The presets name the axes of a parameter from its path and the Flax layout
+convention (`slimoptax.axis_roles`). That guess is wrong whenever the layout
+differs: Hugging Face's ``FlaxConv1D`` kernels are ``(fan_out, fan_in)``,
+einsum kernels such as ``"BTD,NDH->BTNH"`` put the contracted axis in the
+middle, and layers stacked by ``nn.scan`` / ``nnx.scan`` carry a leading layer
+axis. `trace_roles` reads the roles from the model instead: it traces ``fn``
+with `jax.make_jaxpr` (nothing is computed; `jax.ShapeDtypeStruct` leaves are
+enough) and follows every parameter into the primitives it flows into:
+
+================================ ===============================================
+``dot_general``                  contracting axes ``fan_in``, free axes
+                                 ``fan_out``, batch axes ``batch``
+``conv_general_dilated`` kernel  input features ``fan_in``, output features
+                                 ``fan_out``, spatial axes ``window``
+``gather`` / ``dynamic_slice``   indexed axes ``token``, kept axes ``embed``
+``scan`` over the parameter      leading axis ``stacked`` (the body is followed
+                                 with that axis removed)
+a product cut apart along a      that part of the free axis ``fused`` (fused
+free axis (``split``, slices)    q/k/v or k/v kernels, gate/up kernels)
+elementwise use, reductions      ``elementwise`` (norm scales, biases)
+================================ ===============================================
+
+The value is followed through ``transpose``, ``reshape`` (each new axis knows
+which pieces of the parameter's axes it is made of), ``broadcast_in_dim``,
+``squeeze``, casts, copies, slices, elementwise transformations of the whole
+parameter (a mask) and the sub-jaxprs of ``jit``, ``remat``,
+``custom_jvp_call``, ``custom_vjp_call``, ``cond``, ``while``, ``scan`` and
+``shard_map`` (whose body sees one block of each sharded axis).
+Any other primitive records an opaque use (axes ``"unknown"`` unless another
+use names them); a parameter never reached is ``"unused"``. Not read: a
+product cut apart and put back together (rotary embeddings cut ``head_dim``
+in two) is reported fused like a fused kernel; a stacked parameter indexed
+dynamically (``w[i]`` in a ``fori_loop``) reads as a table (``token``,
+``embed``); unaligned slices, ``concatenate``, ``pad``, scatters, sorts and
+custom kernels end the track with an opaque use.
+
+Models: linen ``lambda p, x: model.apply({"params": p}, x)``; NNX ``graphdef,
+params, rest = nnx.split(model, nnx.Param, ...)`` and ``lambda p, x:
+nnx.merge(graphdef, p, rest)(x)`` (a model of parameters only splits into
+``graphdef, params``); Hugging Face Flax ``lambda p, ids: model(ids,
+params=p).logits``; plain JAX ``loss(params, batch)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from slimoptax._trace_walk import (
+  ROLES,
+  AxisPiece,
+  Role,
+  TracedRoles,
+  Use,
+  _result,
+  _Track,
+  _Walker,
+  _whole,
+)
+from slimoptax._tree import named_leaves, shape_of
+
+Axes = tuple[int, ...]
+
+# --------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------
+
+
+def trace_roles(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -> Any:
+  """Reads the role of every axis of every parameter from the computation ``fn`` performs.
+
+  ``fn(params, *args, **kwargs)`` is traced with `jax.make_jaxpr` (nothing
+  runs; arrays or `jax.ShapeDtypeStruct` s will do) and each parameter is
+  followed into the primitives it reaches (see the module docstring for what
+  each primitive means). Keyword arguments are closed over, so flags such as
+  ``deterministic=True`` stay static.
+
+  Args:
+    fn: a loss ``loss(params, batch)`` or an apply function ``apply(params,
+      x)``; for NNX, ``lambda state, x: nnx.merge(graphdef, state)(x)`` with
+      ``graphdef, state = nnx.split(model, nnx.Param)``.
+    params: the parameter pytree ``fn`` takes first.
+    *args: the other positional arguments (arrays or shape structs).
+    **kwargs: keyword arguments, passed as they are.
+
+  Returns:
+    A pytree with ``params``' structure whose leaves are `TracedRoles`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from slimoptax import trace
+    >>> params = {"w": jnp.zeros((16, 8)), "emb": jnp.zeros((100, 8)), "ln": jnp.ones(8)}
+    >>> def loss(p, ids):
+    ...   h = jnp.take(p["emb"], ids, axis=0) * p["ln"]
+    ...   return jnp.mean(h @ p["w"].T)       # w is stored (fan_out, fan_in)
+    >>> roles = trace.trace_roles(loss, params, jax.ShapeDtypeStruct((4, 6), jnp.int32))
+    >>> roles["w"].roles, roles["emb"].roles, roles["ln"].roles
+    (('fan_out', 'fan_in'), ('token', 'embed'), ('elementwise',))
+    >>> trace.fan_in_axes(roles["w"])
+    (1,)
+  """
+  closed = jax.make_jaxpr(lambda p, *a: fn(p, *a, **kwargs))(params, *args)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  shapes = [shape_of(x) for x in leaves]
+  walker = _Walker(len(leaves))
+  ins: list[list[_Track]] = [[_Track(i, False, _whole(s))] for i, s in enumerate(shapes)]
+  ins += [[] for _ in closed.jaxpr.invars[len(leaves):]]
+  outs = walker.walk(closed.jaxpr, ins)
+  walker.opaque(outs, "output")
+  return jax.tree_util.tree_unflatten(
+      treedef, [_result(s, u) for s, u in zip(shapes, walker.uses)])
+
+
+def _is_traced(x: Any) -> bool:
+  return isinstance(x, TracedRoles)
+
+
+def axes_with_role(traced: TracedRoles, role: str) -> Axes:
+  """The axes whose merged role is ``role`` or has it among its disagreeing alternatives.
+
+  An axis split into pieces with different roles is not counted (see its
+  `AxisPiece` s).
+
+  Example:
+    >>> from slimoptax.trace import TracedRoles, axes_with_role
+    >>> axes_with_role(TracedRoles((100, 8), ("token|fan_out", "embed|fan_in"), ()), "fan_in")
+    (1,)
+  """
+  if role not in ROLES:
+    raise ValueError(f"unknown role {role!r}; known: {ROLES}")
+  return tuple(i for i, r in enumerate(traced.roles) if isinstance(r, str) and role in r.split("|"))
+
+
+def fan_in_axes(traced: TracedRoles) -> Axes:
+  """The contracted axes of a parameter (``fan_in`` in some use)."""
+  return axes_with_role(traced, "fan_in")
+
+
+def fan_out_axes(traced: TracedRoles) -> Axes:
+  """The free axes of a parameter in its products (``fan_out`` in some use)."""
+  return axes_with_role(traced, "fan_out")
+
+
+def stacked_axes(traced: TracedRoles) -> Axes:
+  """The axes a ``scan`` runs over (the layer axis of ``nn.scan`` / ``nnx.scan`` stacks)."""
+  return axes_with_role(traced, "stacked")
+
+
+_COMPARED = ("fan_in", "fan_out", "token", "embed")
+_FAMILIES = (("fan_in", "fan_out"), ("token", "embed"))
+
+
+def _has_piece(traced: TracedRoles, role: str) -> bool:
+  return any(isinstance(r, tuple) and any(p.role and role in p.role.split("|") for p in r)
+             for r in traced.roles)
+
+
+class RoleDisagreement(NamedTuple):
+  """Where the roles read from a parameter's name differ from the traced ones.
+
+  Attributes:
+    layer_type: the layer type the name gives (`slimoptax.layer_type`), or
+      ``None`` when no recognizer matches.
+    names: ``{role: axes}`` from `slimoptax.axis_roles` for the compared roles:
+      ``fan_in`` / ``fan_out`` where the trace saw a product, ``token`` /
+      ``embed`` where it saw a lookup (empty entries left out).
+    traced: ``{role: axes}`` from the trace, for the same roles.
+    roles: the traced per-axis roles.
+  """
+
+  layer_type: str | None
+  names: dict[str, Axes]
+  traced: dict[str, Axes]
+  roles: tuple[Role, ...]
+
+
+def compare_with_names(traced: Any) -> dict[str, RoleDisagreement]:
+  """The parameters whose name-derived axis roles differ from what the computation does.
+
+  The presets name axes from the parameter's path in Flax layouts
+  (`slimoptax.layer_type` then `slimoptax.axis_roles`); the traced roles
+  (`trace_roles`) describe what the computation actually does with each axis.
+  A disagreement means a preset would average the wrong axes of that
+  parameter: a ``(fan_out, fan_in)`` kernel (Hugging Face ``FlaxConv1D``), an
+  einsum layout, a stacked layer axis, or a fused kernel. A convolution's
+  ``window`` axes count as fan-in here, as the names count them. Parameters that the
+  trace does not reach (``unused``) or only reaches opaquely are not compared;
+  for a tied embedding both views are legitimate (the names see an input
+  table, the trace also sees the output head) and it is reported.
+
+  Args:
+    traced: the result of `trace_roles`.
+
+  Returns:
+    ``{path: RoleDisagreement}`` for the parameters that disagree, in leaf
+    order.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from slimoptax import trace
+    >>> params = {"c_fc": {"kernel": jnp.zeros((64, 16))}}    # stored (fan_out, fan_in)
+    >>> roles = trace.trace_roles(lambda p, x: x @ p["c_fc"]["kernel"].T, params, jnp.zeros((2, 16)))
+    >>> d = trace.compare_with_names(roles)["c_fc/kernel"]
+    >>> d.layer_type, d.names, d.traced
+    ('mlp_up', {'fan_in': (0,), 'fan_out': (1,)}, {'fan_in': (1,), 'fan_out': (0,)})
+  """
+  from slimoptax.layers import axis_roles
+  from slimoptax.presets import layer_type
+
+  out: dict[str, RoleDisagreement] = {}
+  for path, t in named_leaves(traced, is_leaf=_is_traced):
+    if not t.used or all(r in ("unknown", "unused") for r in t.roles):
+      continue
+    try:
+      ltype = layer_type(path, t.shape)
+      _, named = axis_roles(ltype, t.shape, path=path)
+    except ValueError:
+      ltype, named = None, {}
+    got = {r: axes_with_role(t, r) for r in _COMPARED}
+    if got["fan_in"]:  # a kernel's window is part of its fan-in, as the names count it
+      got["fan_in"] = tuple(sorted(got["fan_in"] + axes_with_role(t, "window")))
+    # A family of roles is compared where the trace saw it (a gathered table says nothing of fan_in).
+    keep = [r for family in _FAMILIES if any(got[f] or _has_piece(t, f) for f in family)
+            for r in family]
+    names = {r: tuple(named.get(r, ())) for r in keep}
+    if any(names[r] != got[r] for r in keep):
+      out[path] = RoleDisagreement(ltype, {r: names[r] for r in keep if names[r]},
+                                   {r: got[r] for r in keep if got[r]}, t.roles)
+  return out
+
+
+def roles_table(traced: Any) -> str:
+  """The traced roles as a text table: path, shape, per-axis roles, uses.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from slimoptax import trace
+    >>> print(trace.roles_table(trace.trace_roles(lambda p, x: x @ p["w"], {"w": jnp.zeros((4, 2)), "u": jnp.zeros(3)}, jnp.zeros(4))))
+    path  shape   roles               uses
+    u     (3,)    unused              -
+    w     (4, 2)  fan_in, fan_out     dot_general
+  """
+  rows = [("path", "shape", "roles", "uses")]
+  for path, t in named_leaves(traced, is_leaf=_is_traced):
+    roles = ", ".join(_role_str(r) for r in t.roles) or "-"
+    if not t.used:
+      roles = "unused"
+    rows.append((path, str(t.shape), roles, ", ".join(dict.fromkeys(u.primitive for u in t.uses)) or "-"))
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+  return "\n".join(line.rstrip() for line in lines)
+
+
+def _role_str(role: Role) -> str:
+  if isinstance(role, tuple):
+    return "(" + " x ".join(f"{p.size}:{p.role}" for p in role) + ")"
+  return str(role)
+
+
+__all__ = [
+    "ROLES", "AxisPiece", "RoleDisagreement", "TracedRoles", "Use", "axes_with_role",
+    "compare_with_names", "fan_in_axes", "fan_out_axes", "roles_table", "stacked_axes",
+    "trace_roles",
+]
