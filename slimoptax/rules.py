@@ -153,6 +153,11 @@ class Rules:
                  role_dependent=self.role_dependent or other.role_dependent,
                  strict=self.strict or other.strict)
 
+  def for_model(self, fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -> Any:
+    """These rules' axes with roles read from the computation: `slimoptax.trace.traced_axes`."""
+    from slimoptax.trace import traced_axes  # the trace builds on the rules: imported here
+    return traced_axes(self, fn, params, *args, **kwargs)
+
   def is_generic(self, rule: Rule) -> bool:
     """Whether ``rule`` is the generic kernel recognizer of a role-dependent preset (its "dense" is a guess)."""
     return self.role_dependent and rule.label == "dense" and rule.pattern == GENERIC_KERNEL_PATTERN

@@ -233,6 +233,117 @@ def compare_with_names(traced: Any) -> dict[str, RoleDisagreement]:
   return out
 
 
+def _unstacked(shape: tuple[int, ...], stacked: Axes) -> tuple[tuple[int, ...], Callable[[int], int]]:
+  """The shape without the stacked axes, and the map from its axes back to the parameter's."""
+  kept = [i for i in range(len(shape)) if i not in stacked]
+  return tuple(shape[i] for i in kept), lambda a: kept[a]
+
+
+def _traced_map(ltype: str, t: TracedRoles, stacked: Axes) -> dict[str, Axes]:
+  """``{role: axes}`` of a parameter from its trace (a lookup table's fan_in / fan_out are token / embed)."""
+  token, embed = axes_with_role(t, "token"), axes_with_role(t, "embed")
+  if ltype in ("embedding", "pos_embedding") and token:
+    fan_in, fan_out = token, embed
+  else:
+    fan_in = tuple(sorted(set(fan_in_axes(t)) | set(axes_with_role(t, "window"))))
+    fan_out = fan_out_axes(t)
+  out = {"fan_in": fan_in, "fan_out": fan_out, "token": token, "vocab": token, "embed": embed,
+         "all": tuple(i for i in range(len(t.shape)) if i not in stacked)}
+  return {k: tuple(a for a in v if a not in stacked) for k, v in out.items()}
+
+
+def traced_axes(rules: Any, fn: Callable[..., Any], params: Any, *args: Any, num_heads: int | None = None,
+                **kwargs: Any) -> Any:
+  """The axes of ``rules`` (a preset) for each parameter, with the roles read from the computation.
+
+  The layer type of each parameter still comes from its name (the preset's
+  recognizers); the *axes* its roles name come from `trace_roles` of ``fn``:
+  a ``(fan_out, fan_in)`` kernel (Hugging Face ``FlaxConv1D``, PyTorch
+  layouts) is averaged over its real fan-out, an einsum kernel over the axes
+  its equation contracts or keeps, and a stacked layer axis (``nn.scan`` /
+  ``nnx.scan``) is never averaged (``"all"`` means every other axis: one
+  value per layer). Where names and trace agree on fan_in / fan_out, the
+  name-derived roles are used as they are (head views included, computed on
+  the parameter without its stacked axes). Where they disagree, the traced
+  roles win (they are what the computation does); a role the trace cannot
+  give (``heads`` / ``head_dim`` of a kernel whose layout is not Flax's) is
+  a ValueError naming the parameter. Rules with integer axes are declarations
+  and are kept as given. Parameters the trace does not reach keep their
+  name-derived axes, listed in one warning.
+
+  Args:
+    rules: a preset name or `slimoptax.Rules`.
+    fn, params, *args, **kwargs: the computation, as `trace_roles` takes it.
+    num_heads: head count, for head roles of 2-D attention kernels.
+
+  Returns:
+    A pytree like ``params`` of axes (int tuples or `slimoptax.Reshaped`): the
+    form every ``compress=`` accepts.
+
+  Example:
+    >>> import jax.numpy as jnp, slimoptax
+    >>> params = {"mlp": {"c_fc": {"kernel": jnp.zeros((64, 16))}}}   # stored (fan_out, fan_in)
+    >>> apply = lambda p, x: x @ p["mlp"]["c_fc"]["kernel"].T
+    >>> slimoptax.compression_axes(params, "slimadam")["mlp"]["c_fc"]["kernel"]   # names: wrong axis
+    (1,)
+    >>> slimoptax.preset("slimadam").for_model(apply, params, jnp.zeros((2, 16)))["mlp"]["c_fc"]["kernel"]
+    (0,)
+  """
+  import warnings
+
+  from slimoptax import rules as rules_lib
+  from slimoptax.layers import LAYER_TYPES, Reshaped, axis_roles
+
+  rules = rules_lib.as_rules(rules, num_heads=num_heads)
+  traced = dict(named_leaves(trace_roles(fn, params, *args, **kwargs), is_leaf=_is_traced))
+  out, untraced = [], []
+  for path, shape, rule in rules.match_all(params):
+    t = traced[path]
+    semantic = not isinstance(rule.axes, str) and any(isinstance(a, str) for a in rule.axes)
+    if not semantic or rule.label not in LAYER_TYPES or not t.used or all(
+        r in ("unknown", "unused", "elementwise") for r in t.roles):
+      if semantic and not t.used:
+        untraced.append(path)
+      out.append(rules_lib.rule_axes(rule, path, shape, rules.num_heads))
+      continue
+    stacked = stacked_axes(t)
+    inner, back = _unstacked(shape, stacked)
+    got = _traced_map(rule.label, t, stacked)
+    try:
+      _, named = axis_roles(rule.label, inner, path=path)
+    except ValueError:
+      named = {}
+    named = {k: tuple(back(a) for a in v) for k, v in named.items()}
+    if all(named.get(k, ()) == got[k] for k in ("fan_in", "fan_out")):
+      axes = rules_lib.rule_axes(rule, path, inner, rules.num_heads)  # Flax layout: names are right
+      if isinstance(axes, Reshaped):
+        if stacked:
+          raise ValueError(f"{path!r}: a head view of a stacked 2-D attention kernel {shape} is not supported; "
+                           "give integer axes (of the stored layout) for it")
+        out.append(axes)
+      else:
+        out.append(tuple(sorted(back(a) for a in axes)))
+      continue
+    picked: set[int] = set()
+    for a in rule.axes:
+      if isinstance(a, int):
+        raise ValueError(f"rule {rule.pattern!r}: cannot mix integer axes with traced roles ({path!r})")
+      if a in ("heads", "head_dim"):
+        raise ValueError(
+            f"{path!r} (shape {shape}, traced roles {t.roles}) is not in the Flax layout its name implies, "
+            f"so its {a!r} axis cannot be told; give integer axes for it, e.g. "
+            f"slimoptax.Rules([({rules_lib.exact_pattern(path)!r}, {rule.label!r}, (<axes>,))]) + the preset")
+      if not got.get(a):
+        raise ValueError(f"{path!r}: the trace gives no {a!r} axis (traced roles {t.roles}) for the "
+                         f"{rule.label!r} axes {rule.axes}; give integer axes for it")
+      picked.update(got[a])
+    out.append(tuple(sorted(picked)))
+  if untraced:
+    warnings.warn(f"for_model: {len(untraced)} parameter(s) not reached by the traced computation keep their "
+                  f"name-derived axes: {untraced[:6]}{' ...' if len(untraced) > 6 else ''}", stacklevel=3)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out)
+
+
 def roles_table(traced: Any) -> str:
   """The traced roles as a text table: path, shape, per-axis roles, uses.
 
@@ -264,5 +375,5 @@ def _role_str(role: Role) -> str:
 __all__ = [
     "ROLES", "AxisPiece", "RoleDisagreement", "TracedRoles", "Use", "axes_with_role",
     "compare_with_names", "fan_in_axes", "fan_out_axes", "roles_table", "stacked_axes",
-    "trace_roles",
+    "trace_roles", "traced_axes",
 ]

@@ -324,3 +324,55 @@ def test_table_and_errors():
   assert "fan_in, fan_out" in trace.roles_table(roles)
   with pytest.raises(ValueError, match="unknown role"):
     trace.axes_with_role(roles["w"], "rows")
+
+
+# --------------------------------------------------------------------------
+# Presets with traced roles (Rules.for_model).
+# --------------------------------------------------------------------------
+
+
+def test_for_model_averages_hf_gpt2_conv1d_kernels_over_their_real_fan_out(hf_gpt2):
+  params, _ = hf_gpt2
+  transformers = pytest.importorskip("transformers")
+  config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=16)
+  model = transformers.FlaxGPT2LMHeadModel(config, _do_init=False)
+  rules = slimoptax.Rules([(r"c_attn/kernel$", "attn_qkv", (0,))]) + slimoptax.preset("slimadam")
+  axes = rules.for_model(lambda p, ids: model(ids, params=p).logits, params, S(2, 8, dtype=jnp.int32))
+  by_name = slimoptax.compression_axes(params, rules)
+  for i in ("0", "1"):
+    block, named = axes["transformer"]["h"][i], by_name["transformer"]["h"][i]
+    # Table 3: attention proj and MLP fan_out; a (fan_out, fan_in) kernel's fan_out is axis 0.
+    for layer in (("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+      assert block[layer[0]][layer[1]]["kernel"] == (0,)
+      assert named[layer[0]][layer[1]]["kernel"] == (1,)       # what the names alone would average
+    assert block["attn"]["c_attn"]["kernel"] == (0,)          # a declaration is kept as given
+    assert block["ln_1"]["scale"] == () and block["attn"]["c_attn"]["bias"] == ()
+  assert axes["transformer"]["wte"]["embedding"] == (1,)      # tied table: one value per token
+
+
+def test_for_model_never_averages_the_stacked_axis():
+  module, x = _Scanned(), S(2, 8)
+  params = linen_params(module, x)
+  apply = lambda p, x: module.apply({"params": p}, x)
+  ada = slimoptax.preset("adalayer").for_model(apply, params, x)["blocks"]
+  assert ada["up"]["kernel"] == (1, 2) and ada["ln"]["scale"] == (1,)   # one value per layer
+  slim = slimoptax.preset("slimadam").for_model(apply, params, x)["blocks"]
+  assert slim["up"]["kernel"] == (2,) and slim["down"]["kernel"] == (2,)  # fan_out, per layer
+  assert slimoptax.compression_axes(params, "adalayer")["blocks"]["up"]["kernel"] == (0, 1, 2)  # names
+
+
+def test_for_model_reads_einsum_kernels_and_refuses_head_roles_it_cannot_tell():
+  B, T, D, N, H = 2, 5, 16, 4, 8
+  params = {"q_einsum": {"w": S(N, D, H)}, "attn_vec_einsum": {"w": S(N, H, D)}}
+
+  def attend(p, x):
+    q = jnp.einsum("BTD,NDH->BTNH", x, p["q_einsum"]["w"])
+    return jnp.einsum("BTNH,NHD->BTD", q, p["attn_vec_einsum"]["w"])
+
+  rules = slimoptax.preset("slimadam", layer_types={r"q_einsum/w$": "query", r"attn_vec_einsum/w$": "attn_out"})
+  axes = rules.for_model(attend, params, S(B, T, D))
+  assert axes["q_einsum"]["w"] == (1,)            # query: fan_in, the contracted D
+  assert axes["attn_vec_einsum"]["w"] == (2,)     # attn_out: fan_out, the kept D
+  mini = slimoptax.preset("adam-mini", layer_types={r"q_einsum/w$": "query", r"attn_vec_einsum/w$": "attn_out"})
+  with pytest.raises(ValueError, match=r"'q_einsum/w'.*not in the Flax layout.*'head_dim'"):
+    mini.for_model(attend, params, S(B, T, D))
