@@ -18,6 +18,7 @@ from slimoptax.layers import axis_roles
 from slimoptax.presets import PRESETS
 from slimoptax.presets import layer_type
 from slimoptax.presets import preset
+from slimoptax.presets import weight_decay_mask
 from slimoptax.rules import GenericLayerWarning
 from slimoptax.rules import Rule
 from slimoptax.rules import Rules
@@ -195,4 +196,5 @@ __all__ = (
     "trace",
     "trace_roles",
     "tree_bytes",
+    "weight_decay_mask",
 )

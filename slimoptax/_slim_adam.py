@@ -263,13 +263,17 @@ def scale_by_slim_adam(
         extra=[jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(state.mu), nu_new,
                nu_prev, axes])
     count_inc = optax.safe_increment(state.count)
-    b1_32 = jnp.asarray(b1, jnp.float32)
+    # Bias corrections in the default float precision (float64 under jax_enable_x64, as optax's
+    # Python-float betas give), then cast to each moment's dtype.
+    bc_dtype = jnp.result_type(float)
+    b1_c, b2_c = jnp.asarray(b1, bc_dtype), jnp.asarray(b2, bc_dtype)
     if nesterov:
-      c1, c1_next = 1 - b1_32 ** count_inc, lambda: 1 - b1_32 ** optax.safe_increment(count_inc)
-      mu_hat = jax.tree.map(lambda m, g: b1 * m / c1_next() + (1 - b1) * g / c1, mu, updates)
+      c1, c1_next = 1 - b1_c ** count_inc, 1 - b1_c ** optax.safe_increment(count_inc)
+      mu_hat = jax.tree.map(lambda m, g: b1 * m / c1_next.astype(m.dtype)
+                            + (1 - b1) * g / c1.astype(g.dtype), mu, updates)
     else:
-      mu_hat = optax.tree.bias_correction(mu, b1_32, count_inc)
-    nu_hat = optax.tree.bias_correction(nu, jnp.asarray(b2, jnp.float32), count_inc)
+      mu_hat = optax.tree.bias_correction(mu, b1_c, count_inc)
+    nu_hat = optax.tree.bias_correction(nu, b2_c, count_inc)
     (u,) = _tree.map_update(
         lambda _, g, m, v, v_new, a: (skip_nonfinite_groups(
             v_new, a, divide_in_view(m, jnp.sqrt(v) + eps, a).astype(g.dtype), 0.0),),

@@ -18,9 +18,12 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+
+from slimoptax._tree import path_str, shape_of
 from slimoptax.layers import LAYER_PATTERNS, LAYER_TYPES
 from slimoptax.rules import UNSUPPORTED, Rule, Rules, SemanticAxis
 
@@ -91,18 +94,22 @@ _PRESET_AXES: dict[str, dict[str, tuple[str, ...] | str]] = {
     "adalayer": {t: ("all",) for t in LAYER_TYPES},
     # AdaLayer+LN+TN: per-parameter second moments for norms, token embedding and head.
     "adalayer+ln+tn": {**{t: ("all",) for t in LAYER_TYPES}, "norm": (), "embedding": (), "head": ()},
-    # Adam-mini v1.1 (Zhang et al. 2024): one value per output neuron; per head for
-    # query/key; per token for embedding and head; one per tensor otherwise.
+    # Adam-mini 1.1.1 (Zhang et al. 2024): one value per output neuron; per head for
+    # query/key; per token for embedding and head; one per tensor for norm scales and
+    # positional embeddings; biases (norm biases included: `_BIAS_FIRST`) full Adam.
     "adam-mini": {
         "embedding": ("embed",), "head": ("embed",), "pos_embedding": ("all",),
         "query": ("fan_in", "head_dim"), "key": ("fan_in", "head_dim"),
         "value": ("fan_in",), "attn_out": ("fan_in",), "attn_qkv": UNSUPPORTED,
         "mlp_up": ("fan_in",), "mlp_gate": ("fan_in",), "mlp_down": ("fan_in",),
         "dense": ("fan_in",), "conv": ("fan_in",),
-        "norm": ("all",), "bias": ("all",), "scalar": (),
+        "norm": ("all",), "bias": (), "scalar": (),
     },
 }
 _PRESET_AXES["adamini"] = _PRESET_AXES["adam-mini"]
+# Presets whose bias rule comes before every recognizer: Adam-mini 1.1.1 gives full Adam to
+# every parameter whose name contains "bias" (norm biases included), before any other rule.
+_BIAS_FIRST = {"adam-mini": r"bias", "adamini": r"bias"}
 
 PRESETS: tuple[str, ...] = ("adam", "slimadam", "adalayer", "adalayer+ln+tn", "adam-mini")
 
@@ -126,9 +133,11 @@ def preset(
                   embedding and head keep one value per token, norms/biases full
   ``adalayer``    one second moment per tensor
   ``adalayer+ln+tn``  AdaLayer, but norms, token embedding and head uncompressed
-  ``adam-mini``   Adam-mini v1.1: one value per output neuron, per head for
-                  query/key, per token for embedding/head, one per tensor for norms,
-                  biases and positional embeddings
+  ``adam-mini``   Adam-mini 1.1.1: one value per output neuron, per head for
+                  query/key, per token for embedding/head, one per tensor for norm
+                  scales and positional embeddings; full Adam for every parameter whose
+                  path contains ``bias`` (norm biases too), as the official code; use
+                  it with ``mask=weight_decay_mask("adam-mini")``
   ============== ===================================================================
 
   Args:
@@ -174,6 +183,8 @@ def preset(
     if ltype not in LAYER_TYPES:
       raise ValueError(f"layer_types[{pattern!r}] = {ltype!r} is not a layer type; known: {sorted(LAYER_TYPES)}")
     declared.append(Rule(pattern, ltype, table[ltype], min_ndim=0 if ltype in _VECTOR_TYPES else 2))
+  if key in _BIAS_FIRST:
+    declared.append(Rule(_BIAS_FIRST[key], "bias", table["bias"], warn_unused=False))
   rules = declared + recognizers(table)
   uniform = {table[t] for t in LAYER_TYPES if t != "scalar"}
   if len(uniform) == 1:
@@ -185,7 +196,59 @@ def preset(
 
 
 
+# --------------------------------------------------------------------------
+# Weight-decay masks of the official implementations.
+# --------------------------------------------------------------------------
+
+# Adam-mini 1.1.1 decays no parameter whose lower-cased name contains one of these.
+_NO_DECAY_SUBSTRINGS = {"adam-mini": ("norm", "ln", "bias")}
+_NO_DECAY_SUBSTRINGS["adamini"] = _NO_DECAY_SUBSTRINGS["adam-mini"]
+
+
+def weight_decay_mask(name: str) -> Callable[[Any], Any]:
+  """The weight-decay mask of a preset's official implementation.
+
+  ``"adam-mini"``: decay every parameter except those whose lower-cased
+  ``"/"``-joined path contains ``"norm"``, ``"ln"`` or ``"bias"``: the name
+  rule of Adam-mini 1.1.1 (Zhang et al.), plain substrings, so a path such as
+  ``kiln/kernel`` is not decayed either. ``"slimadam"``: decay parameters with
+  ``ndim >= 2``, as the SlimAdam authors' ``SlimAdamW`` (Kalra et al.) and
+  `slimoptax.default_weight_decay_mask`.
+
+  Args:
+    name: ``"adam-mini"`` or ``"slimadam"`` (case-insensitive).
+
+  Returns:
+    A callable ``params -> pytree of bools`` (``True``: decayed), for the
+    ``mask`` of `slimoptax.slim_adamw` or `optax.add_decayed_weights`.
+
+  Raises:
+    ValueError: for another name.
+
+  Example:
+    >>> import jax.numpy as jnp, slimoptax
+    >>> params = {"attn": {"query": {"kernel": jnp.zeros((8, 2, 4)), "bias": jnp.zeros((2, 4))}},
+    ...           "ln_f": {"scale": jnp.ones(8)}, "wpe": {"embedding": jnp.zeros((4, 8))}}
+    >>> slimoptax.weight_decay_mask("adam-mini")(params)
+    {'attn': {'query': {'bias': False, 'kernel': True}}, 'ln_f': {'scale': False}, 'wpe': {'embedding': True}}
+    >>> slimoptax.weight_decay_mask("slimadam")(params)["attn"]["query"]  # a 2-D bias is decayed
+    {'bias': True, 'kernel': True}
+  """
+  key = name.lower().replace("_", "-")
+  if key == "slimadam":
+    return lambda params: jax.tree.map(lambda p: len(shape_of(p)) >= 2, params)
+  if key not in _NO_DECAY_SUBSTRINGS:
+    raise ValueError(f"no weight-decay mask for {name!r}; known: 'adam-mini', 'slimadam'")
+  excluded = _NO_DECAY_SUBSTRINGS[key]
+
+  def mask(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(s in path_str(path).lower() for s in excluded), params)
+
+  return mask
+
+
 _RECOGNIZERS = recognizers()
 
 
-__all__ = ["PRESETS", "layer_type", "preset", "recognizers"]
+__all__ = ["PRESETS", "layer_type", "preset", "recognizers", "weight_decay_mask"]

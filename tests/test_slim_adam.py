@@ -54,6 +54,20 @@ def test_no_compression_equals_optax_adamw(dtype, atol, compress):
                                atol=atol, rtol=atol, err_msg=k)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_float64_equals_optax_adamw(nesterov):
+  """Under x64 the bias corrections are float64 too: float64 rounding, not float32 (~3e-6 at b2=0.999)."""
+  with jax.enable_x64(True):
+    params = _params(jnp.float64)
+    mask = slimoptax.default_weight_decay_mask
+    ours, _ = _run(slimoptax.slim_adamw(3e-2, b2=0.999, nesterov=nesterov), params, 50)
+    ref, _ = _run(optax.adamw(3e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, mask=mask,
+                              nesterov=nesterov), params, 50)
+    for k in SHAPES:
+      assert ours[k].dtype == jnp.float64, k
+      np.testing.assert_allclose(ours[k], ref[k], atol=1e-13, rtol=1e-13, err_msg=k)
+
+
 def test_scale_by_slim_adam_equals_scale_by_adam_with_nesterov():
   params = _params()
   ours, _ = _run(optax.chain(slimoptax.scale_by_slim_adam(0.8, 0.9, 1e-6, nesterov=True), optax.scale(-1e-2)),
