@@ -14,8 +14,9 @@ b2^t)``. ``v`` is stored with the axes ``K`` reduced (kept as size-1 dims),
 so it holds ``size / prod(shape[K])`` entries. With ``K = ()`` everywhere this
 is exactly `optax.scale_by_adam`; with every axis in ``K`` it is AdaLayer
 (Zhao et al., Deconstructing What Makes a Good Optimizer for Language Models,
-2024); with the ``"adam-mini"`` preset it is Adam-mini v1.1 (Zhang et al.,
-Adam-mini: Use Fewer Learning Rates To Gain More, 2024); with the
+2024); with the ``"adam-mini"`` preset and ``mask=weight_decay_mask("adam-mini")``
+it is Adam-mini 1.1.1 as its authors ship it (Zhang et al., Adam-mini: Use Fewer
+Learning Rates To Gain More, 2024); with the
 ``"slimadam"`` preset (Kalra et al., Table 3) or rules derived from an SNR
 analysis (`slimoptax.derive_rules`) it is SlimAdam.
 
@@ -323,8 +324,9 @@ def slim_adamw(
     compress: see `scale_by_slim_adam` (``None``: plain AdamW; a preset name
       such as ``"slimadam"``; rules; a pytree of axes; a callable).
     mask: which parameters are decayed: a pytree of bools or a callable;
-      default `default_weight_decay_mask` (``ndim >= 2``). Note `optax.adamw`
-      decays everything by default.
+      default `default_weight_decay_mask` (``ndim >= 2``);
+      `slimoptax.weight_decay_mask` gives the presets' own (Adam-mini: not
+      names with norm / ln / bias). Note `optax.adamw` decays everything by default.
     mu_dtype: first-moment dtype.
     nu_dtype: second-moment dtype.
     nesterov: Nesterov momentum.
