@@ -422,13 +422,13 @@ def restore_state(
     >>> import tempfile, jax.numpy as jnp, slimoptax
     >>> import orbax.checkpoint as ocp
     >>> from slimoptax.checkpoint import save_state
-    >>> params = {"dense": {"kernel": jnp.ones((4, 8))}}
+    >>> params = {"up": {"kernel": jnp.ones((4, 8))}}
     >>> tx = slimoptax.slim_adamw(1e-3, compress="slimadam")
     >>> path = tempfile.mkdtemp() + "/state"
     >>> checkpointer = ocp.StandardCheckpointer()
     >>> _ = save_state(checkpointer, path, tx.init(params))
     >>> restored = slimoptax.restore_state(checkpointer, path, slimoptax.abstract_state(tx, params))
-    >>> restored[0].nu["dense"]["kernel"].shape
+    >>> restored[0].nu["up"]["kernel"].shape
     (4, 1)
     >>> other = slimoptax.abstract_state(slimoptax.slim_adamw(1e-3), params)  # uncompressed
     >>> slimoptax.restore_state(checkpointer, path, other)  # doctest: +ELLIPSIS
