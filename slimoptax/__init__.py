@@ -93,6 +93,16 @@ from slimoptax._snr import second_moments_kept
 from slimoptax._snr import snr
 from slimoptax._snr import time_average
 
+# Quantized optimizer states: blockwise 8-bit / 4-bit, bf16 with stochastic rounding.
+from slimoptax._quantize import QuantizedArray
+from slimoptax._quantize import QuantizedState
+from slimoptax._quantize import codebook
+from slimoptax._quantize import dequantize
+from slimoptax._quantize import dynamic_map
+from slimoptax._quantize import quantize
+from slimoptax._quantize import quantize_state
+from slimoptax._quantize import stochastic_round_bf16
+
 # Diagnostics: state memory, per-layer norms.
 from slimoptax.diagnostics import layer_norms
 from slimoptax.memory import MemoryReport
@@ -121,6 +131,8 @@ __all__ = (
     "MuonDimensionNumbers",
     "PRESETS",
     "QUINTIC_COEFFS",
+    "QuantizedArray",
+    "QuantizedState",
     "Reshaped",
     "ReshapedDims",
     "GenericLayerWarning",
@@ -140,6 +152,7 @@ __all__ = (
     "abstract_state",
     "axis_roles",
     "checkpoint",
+    "codebook",
     "column_max_descent",
     "column_max_direction",
     "column_max_labels",
@@ -148,7 +161,9 @@ __all__ = (
     "default_weight_decay_mask",
     "depth_average",
     "depth_group",
+    "dequantize",
     "derive_rules",
+    "dynamic_map",
     "factored_rules",
     "find_second_moment",
     "gnb_estimate",
@@ -170,6 +185,8 @@ __all__ = (
     "param_labels",
     "preset",
     "presets",
+    "quantize",
+    "quantize_state",
     "resolve_factored_axes",
     "restore_state",
     "rules",
@@ -192,6 +209,7 @@ __all__ = (
     "sophia",
     "sophia_win_rate",
     "state_shardings",
+    "stochastic_round_bf16",
     "time_average",
     "trace",
     "trace_roles",

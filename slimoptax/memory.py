@@ -18,10 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slimoptax import _snr, _tree
+from slimoptax import _quantize, _snr, _tree
+
+
+class _Stored:
+  """A `slimoptax.QuantizedArray` seen as one leaf: the shape it decodes to, the bytes it stores."""
+
+  def __init__(self, q: Any):
+    self.shape, self.nbytes = tuple(q.decoded_shape), q.nbytes
 
 
 def _nbytes(x: Any) -> int:
+  if isinstance(x, _Stored):
+    return x.nbytes
   shape = getattr(x, "shape", np.shape(x))
   dtype = getattr(x, "dtype", None)
   if dtype is None:
@@ -114,8 +123,10 @@ def memory_report(opt_state: Any, params: Any) -> MemoryReport:
   The second moment is found by `slimoptax.find_second_moment`: fields named
   ``nu`` with the parameters' paths (`optax.scale_by_adam`,
   `slimoptax.scale_by_slim_adam`, ...), also under `optax.masked` and
-  `optax.partition`. A parameter masked out of every Adam gets a row with no
-  second moment and is left out of the totals and of Adam's count.
+  `optax.partition`; a quantized one (`slimoptax.quantize_state`) counts its
+  decoded entries and the bytes of its codes and scales. A parameter masked
+  out of every Adam gets a row with no second moment and is left out of the
+  totals and of Adam's count.
 
   Args:
     opt_state: an optax state (may be abstract, from `jax.eval_shape`).
@@ -136,7 +147,9 @@ def memory_report(opt_state: Any, params: Any) -> MemoryReport:
     >>> print(f"{report.entries} of {report.adam_entries}: {report.fraction_saved:.2%} saved")
     16 of 264: 93.94% saved
   """
-  nu = _snr.find_second_moment(opt_state, params)
+  stored = jax.tree.map(lambda x: _Stored(x) if _quantize.is_quantized(x) else x, opt_state,
+                        is_leaf=_quantize.is_quantized)
+  nu = _snr.find_second_moment(stored, params)
   nu_leaves = _tree.named_leaves(nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   rows, covered = [], []
   for (path, p), (_, v) in zip(_tree.named_leaves(params), nu_leaves):

@@ -25,6 +25,11 @@ belongs to ``<param path>``). Its spec is then derived from shapes alone:
   (equal sizes) only the entries every reading agrees on are kept;
 * anything else (e.g. a `slimoptax.Reshaped` head view): replicated.
 
+A quantized leaf (`slimoptax.QuantizedArray`, `slimoptax.quantize_state`)
+belongs to its parameter as a whole, and each of its arrays follows the same
+rule: 8-bit codes, of the parameter's shape, keep its spec; 4-bit codes (last
+dimension halved) and the per-block scales drop the last dimension's entry.
+
 Dropping an entry is always safe (the program computes the same numbers; a
 dimension is merely not split); it never moves a whole large leaf to one
 device.
@@ -46,7 +51,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from slimoptax import _tree
+from slimoptax import _quantize, _tree
 
 __all__ = [
     "abstract_sharded_state", "init_sharded", "param_index", "reduced_spec", "state_shardings",
@@ -55,6 +60,16 @@ __all__ = [
 
 def _is_empty(x: Any) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _is_param_node(x: Any) -> bool:
+  """A parameter's state leaf: an array, or a `slimoptax.QuantizedArray` (codes and scales) whole."""
+  return _is_empty(x) or _quantize.is_quantized(x)
+
+
+def _for_each_array(leaf: Any, value: Any) -> Any:
+  """``value`` in place of ``leaf``, or of each array of a `slimoptax.QuantizedArray`."""
+  return jax.tree.map(lambda _: value, leaf) if _quantize.is_quantized(leaf) else value
 
 
 def _dtype(p: Any) -> Any:
@@ -203,7 +218,7 @@ def param_index(state: Any, params: Any) -> Any:
   p_paths = [tuple(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   p_set = frozenset(p_paths)
   p_pos = {kp: i for i, kp in enumerate(p_paths)}
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_empty)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_param_node)
   suffixes: dict[tuple, set] = {}
   for kp, _ in flat:
     kp = tuple(kp)
@@ -219,7 +234,7 @@ def param_index(state: Any, params: Any) -> Any:
         if kp[:k] in copies and kp[k:] in p_pos:
           idx = p_pos[kp[k:]]
           break
-    out.append(leaf if _is_empty(leaf) else idx)
+    out.append(leaf if _is_empty(leaf) else _for_each_array(leaf, idx))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -235,8 +250,8 @@ def _param_index_optax(tx: Any, state: Any, params: Any) -> Any:
   with warnings.catch_warnings():  # rules "match no parameter" of the empty placeholder
     warnings.simplefilter("ignore")
     mapped = optax.tree_map_params(
-        tx, lambda leaf, i: leaf if _is_empty(leaf) else _Index(i), state, numbered,
-        transform_non_params=lambda _: None, is_leaf=_is_empty)
+        tx, lambda leaf, i: leaf if _is_empty(leaf) else _for_each_array(leaf, _Index(i)), state,
+        numbered, transform_non_params=lambda _: None, is_leaf=_is_param_node)
   out = jax.tree.map(lambda leaf, m: leaf if _is_empty(leaf) else (m.i if isinstance(m, _Index) else None),
                      state, mapped, is_leaf=_is_empty)
   return out
