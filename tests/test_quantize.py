@@ -514,7 +514,7 @@ def test_memory_report_and_tree_bytes_count_codes_and_scales():
   assert state.inner_state[0].mu["mlp"]["up"]["kernel"].nbytes == mu_bytes
 
 
-GPT2_SHAPES = {  # GPT-2 small (benchmarks/bench_step.py gpt2_params), Flax layouts
+GPT2_SHAPES = {  # GPT-2 small (benchmarks/bench_all.py gpt2_params), Flax layouts
     "wte": {"embedding": (50304, 768)}, "wpe": {"embedding": (1024, 768)}, "ln_f": {"scale": (768,)},
     "blocks": {str(i): {"ln_1": {"scale": (768,)}, "ln_2": {"scale": (768,)},
                         "attn": {"query": {"kernel": (768, 12, 64)}, "key": {"kernel": (768, 12, 64)},
