@@ -392,7 +392,7 @@ def summary_md(res: dict, args) -> str:
       edge = " (at an edge of the grid after the allowed extensions)"
     lines.append(f"- {key}: {cells}; best {'—' if best is None else f'{best:g}'}{edge}")
   lines += ["", f"Gap to Adam at Adam's tuned learning rate: mean over seeds of (optimizer - Adam) final validation "
-            f"loss ({args.final_eval_batches} batches), ± half the seed-to-seed range of that gap, (relative to Adam's loss):", ""]
+            f"loss (first {args.final_eval_batches} validation batches at most: the whole split here), ± half the seed-to-seed range of that gap, (relative to Adam's loss):", ""]
   keys = list(res["gaps"])
   lines += ["| optimizer | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
   adam_row = []
