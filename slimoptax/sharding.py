@@ -396,11 +396,11 @@ def init_sharded(
     >>> import jax, jax.numpy as jnp, numpy as np, slimoptax
     >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-    >>> abstract = jax.eval_shape(lambda: {"dense": {"kernel": jnp.zeros((16, 64))}})
-    >>> param_shardings = {"dense": {"kernel": NamedSharding(mesh, P("data", "model"))}}
+    >>> abstract = jax.eval_shape(lambda: {"up": {"kernel": jnp.zeros((16, 64))}})
+    >>> param_shardings = {"up": {"kernel": NamedSharding(mesh, P("data", "model"))}}
     >>> tx = slimoptax.slim_adamw(1e-3, compress="slimadam")
     >>> opt_state = slimoptax.init_sharded(tx, abstract, param_shardings)
-    >>> nu = opt_state[0].nu["dense"]["kernel"]
+    >>> nu = opt_state[0].nu["up"]["kernel"]
     >>> nu.shape, nu.sharding.spec == P("data", None)
     ((16, 1), True)
   """
