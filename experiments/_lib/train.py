@@ -305,6 +305,9 @@ def train(
         bar.update(1)
       if not do_log:
         continue
+      # Steps are dispatched asynchronously: wait for them here, so that their time counts as training
+      # (seconds_per_step), not as the evaluation / logging below.
+      jax.block_until_ready(loss)
       t0 = time.perf_counter()
       train_loss = _to_host(np.mean(np.stack(jax.device_get(pending)), axis=0))
       pending = []
