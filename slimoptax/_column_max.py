@@ -12,7 +12,7 @@ For a matrix ``W`` in the paper's convention ``W in R^{m x n}`` (``m`` outputs,
 where ``k_j`` is the number of entries of column ``j`` that reach the column's
 maximum, and ``W_{t+1} = W_t - eta_t U_t``.
 
-Derivation (the seed's text stops at ``R / k_j``). Steepest descent for a
+Derivation (the review of Liu, Wang, Zhang prints Algorithm 2 only up to ``R / k_j``). Steepest descent for a
 linear model of the loss, ``max <M, U>`` subject to ``||U_{:, j}||_1 <= R``
 for every column ``j`` (the induced norm ``||U||_{1 -> 1} <= R``), separates
 over columns: ``sum_i M_ij U_ij <= ||U_{:, j}||_1 max_i |M_ij|``, with
@@ -149,9 +149,7 @@ def scale_by_column_max(beta: ArrayLike = 0.9, *, radius: ArrayLike = 1.0, dims:
 
   def specs(tree):
     out = muon_lib._leaf_specs(tree, dims, per_head, num_heads)
-    leaves = [(p, x) for p, x in _tree.named_leaves(tree, is_leaf=muon_lib._is_masked)
-              if not muon_lib._is_masked(x)]
-    for (path, x), spec in zip(leaves, out):
+    for (path, x), spec in zip(_tree.named_leaves(tree), out):  # masked nodes hold no leaves
       if spec is None:
         raise _not_matrix_error(path, _tree.shape_of(x))
     return out
@@ -250,14 +248,9 @@ def column_max_descent(learning_rate: optax.ScalarOrSchedule, momentum: ArrayLik
       learning_rate if adam_learning_rate is None else adam_learning_rate, adam_b1, adam_b2, adam_eps,
       weight_decay if adam_weight_decay is None else adam_weight_decay, compress=adam_compress,
       num_heads=num_heads)
-  inner = optax.partition({"column_max": matrices, "adam": rest},
-                          lambda tree: column_max_labels(tree, dims, per_head=per_head, num_heads=num_heads))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    _tree.check_state(state, optax.PartitionState, who="column_max_descent")
-    return inner.update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  return muon_lib.partition_checked(
+      "column_max_descent", {"column_max": matrices, "adam": rest},
+      lambda tree: column_max_labels(tree, dims, per_head=per_head, num_heads=num_heads))
 
 
 __all__ = ["ScaleByColumnMaxState", "column_max_descent", "column_max_direction", "column_max_labels",

@@ -545,11 +545,20 @@ def muon(learning_rate: optax.ScalarOrSchedule, beta: ArrayLike = 0.95,
       adam_eps, weight_decay if adam_weight_decay is None else adam_weight_decay,
       compress=adam_compress, mask=adam_weight_decay_mask, mu_dtype=adam_mu_dtype,
       nu_dtype=adam_nu_dtype, nesterov=adam_nesterov, num_heads=num_heads)
-  inner = optax.partition({"muon": matrices, "adam": rest},
-                          lambda tree: muon_labels(tree, dims, per_head=per_head, num_heads=num_heads))
+  return partition_checked("muon", {"muon": matrices, "adam": rest},
+                           lambda tree: muon_labels(tree, dims, per_head=per_head, num_heads=num_heads))
+
+
+def partition_checked(who: str, transforms: dict[str, optax.GradientTransformation],
+                      labels: Any) -> optax.GradientTransformationExtraArgs:
+  """`optax.partition` whose ``update`` first checks it was given an `optax.PartitionState` (errors name ``who``).
+
+  The matrices-plus-AdamW-fallback optimizers (`muon`, `slimoptax.column_max_descent`) are built on it.
+  """
+  inner = optax.partition(transforms, labels)
 
   def update_fn(updates, state, params=None, **extra_args):
-    _tree.check_state(state, optax.PartitionState, who="muon")
+    _tree.check_state(state, optax.PartitionState, who=who)
     return inner.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)

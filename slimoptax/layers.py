@@ -11,8 +11,11 @@ fan_in)``: roles do not apply to them; give integer axes instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
 
 Axes = tuple[int, ...]
 
@@ -124,6 +127,77 @@ def axis_roles(
   return shape, roles
 
 
+
+# --------------------------------------------------------------------------
+# Axes entries: checked, mapped back from views, counted.
+# --------------------------------------------------------------------------
+
+
+def _simplify_view(shape: tuple[int, ...], view: tuple[int, ...], axes: Axes) -> Axes | Reshaped:
+  """Maps view axes back to the stored layout when the view is not needed."""
+  # Group consecutive view axes into stored axes (view only splits axes).
+  groups: list[list[int]] = []
+  v = 0
+  for s in shape:
+    group = []
+    prod = 1
+    while prod < s or not group:
+      group.append(v)
+      prod *= view[v]
+      v += 1
+    groups.append(group)
+  out = []
+  for i, group in enumerate(groups):
+    hit = [g in axes for g in group]
+    if all(hit):
+      out.append(i)
+    elif any(hit):
+      return Reshaped(shape=view, axes=axes)
+  return tuple(out)
+
+
+def kept_entries(shape: Sequence[int], axes: Axes | Reshaped) -> int:
+  """Number of second-moment entries kept when averaging ``shape`` over ``axes``."""
+  if isinstance(axes, Reshaped):
+    shape, axes = axes.shape, axes.axes
+  return math.prod(s for i, s in enumerate(shape) if i not in axes)
+
+
+def reduced_shape(shape: Sequence[int], axes: Axes | Reshaped) -> tuple[int, ...]:
+  """Shape of a statistic averaged over ``axes`` with kept (size-1) dims."""
+  if isinstance(axes, Reshaped):
+    shape, axes = axes.shape, axes.axes
+  return tuple(1 if i in axes else int(s) for i, s in enumerate(shape))
+
+
+def validate_axes(path: str, shape: tuple[int, ...], spec: Any, *, what: str = "compress") -> Axes | Reshaped:
+  """Checks one user-given axes entry against a parameter shape; returns it normalised."""
+  ndim = len(shape)
+  if spec is None:
+    return ()
+  if isinstance(spec, Reshaped):
+    if math.prod(spec.shape) != math.prod(shape):
+      raise ValueError(
+          f"{what} for {path!r}: view {spec.shape} has {math.prod(spec.shape)} entries, the "
+          f"parameter {shape} has {math.prod(shape)}")
+    inner = validate_axes(path, tuple(spec.shape), tuple(spec.axes), what=what)
+    return Reshaped(tuple(int(s) for s in spec.shape), inner)
+  if isinstance(spec, (int, np.integer)):
+    spec = (int(spec),)
+  if not isinstance(spec, (tuple, list)) or not all(isinstance(a, (int, np.integer)) for a in spec):
+    hint = " (give axes as tuples: lists are pytree nodes)" if isinstance(spec, list) else ""
+    raise ValueError(f"{what} for {path!r}: expected a tuple of int axes, got {spec!r}{hint}")
+  out = []
+  for a in spec:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"{what} for {path!r}: axis {a} out of range for shape {shape}")
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{what} for {path!r}: repeated axes in {tuple(spec)}")
+  return tuple(sorted(out))
+
+
+
 _ATTN = r"(attn|attention|self_attn|self_attention|mha|multiheaddotproductattention(_\d+)?|multiheadattention(_\d+)?)"
 _MLP = r"(mlp|ffn|ff|feed_forward|feedforward|mlpblock(_\d+)?|mlp_block)"
 _W = r"(kernel|weight|w)"
@@ -163,4 +237,5 @@ LAYER_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 
-__all__ = ["GENERIC_KERNEL_PATTERN", "LAYER_PATTERNS", "LAYER_TYPES", "ROLE_NAMES", "Reshaped", "axis_roles"]
+__all__ = ["GENERIC_KERNEL_PATTERN", "LAYER_PATTERNS", "LAYER_TYPES", "ROLE_NAMES", "Reshaped", "axis_roles",
+           "kept_entries", "reduced_shape", "validate_axes"]

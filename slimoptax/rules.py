@@ -39,7 +39,17 @@ import jax
 import numpy as np
 
 from slimoptax._tree import is_param_like, leaves_like, named_leaves, path_str, shape_of
-from slimoptax.layers import GENERIC_KERNEL_PATTERN, LAYER_TYPES, ROLE_NAMES, Reshaped, axis_roles
+from slimoptax.layers import (
+  GENERIC_KERNEL_PATTERN,
+  LAYER_TYPES,
+  ROLE_NAMES,
+  Reshaped,
+  _simplify_view,
+  axis_roles,
+  kept_entries,
+  reduced_shape,
+  validate_axes,
+)
 
 Axes = tuple[int, ...]
 SemanticAxis = Union[int, str]
@@ -373,43 +383,6 @@ def rule_axes(rule: Rule, path: str, shape: tuple[int, ...], num_heads: int | No
   return _simplify_view(shape, view, picked_t)
 
 
-def _simplify_view(shape: tuple[int, ...], view: tuple[int, ...], axes: Axes) -> Axes | Reshaped:
-  """Maps view axes back to the stored layout when the view is not needed."""
-  # Group consecutive view axes into stored axes (view only splits axes).
-  groups: list[list[int]] = []
-  v = 0
-  for s in shape:
-    group = []
-    prod = 1
-    while prod < s or not group:
-      group.append(v)
-      prod *= view[v]
-      v += 1
-    groups.append(group)
-  out = []
-  for i, group in enumerate(groups):
-    hit = [g in axes for g in group]
-    if all(hit):
-      out.append(i)
-    elif any(hit):
-      return Reshaped(shape=view, axes=axes)
-  return tuple(out)
-
-
-def kept_entries(shape: Sequence[int], axes: Axes | Reshaped) -> int:
-  """Number of second-moment entries kept when averaging ``shape`` over ``axes``."""
-  if isinstance(axes, Reshaped):
-    shape, axes = axes.shape, axes.axes
-  return math.prod(s for i, s in enumerate(shape) if i not in axes)
-
-
-def reduced_shape(shape: Sequence[int], axes: Axes | Reshaped) -> tuple[int, ...]:
-  """Shape of a statistic averaged over ``axes`` with kept (size-1) dims."""
-  if isinstance(axes, Reshaped):
-    shape, axes = axes.shape, axes.axes
-  return tuple(1 if i in axes else int(s) for i, s in enumerate(shape))
-
-
 def _axes_str(axes: Axes | Reshaped) -> str:
   if isinstance(axes, Reshaped):
     return f"{tuple(axes.axes)} of view {tuple(axes.shape)}"
@@ -616,33 +589,6 @@ def param_labels(params: Any, rules: Any, *, num_heads: int | None = None) -> An
     {'mlp': {'up': {'kernel': 'mlp_up'}}}
   """
   return as_rules(rules, num_heads=num_heads).labels(params)
-
-
-def validate_axes(path: str, shape: tuple[int, ...], spec: Any, *, what: str = "compress") -> Axes | Reshaped:
-  """Checks one user-given axes entry against a parameter shape; returns it normalised."""
-  ndim = len(shape)
-  if spec is None:
-    return ()
-  if isinstance(spec, Reshaped):
-    if math.prod(spec.shape) != math.prod(shape):
-      raise ValueError(
-          f"{what} for {path!r}: view {spec.shape} has {math.prod(spec.shape)} entries, the "
-          f"parameter {shape} has {math.prod(shape)}")
-    inner = validate_axes(path, tuple(spec.shape), tuple(spec.axes), what=what)
-    return Reshaped(tuple(int(s) for s in spec.shape), inner)
-  if isinstance(spec, (int, np.integer)):
-    spec = (int(spec),)
-  if not isinstance(spec, (tuple, list)) or not all(isinstance(a, (int, np.integer)) for a in spec):
-    hint = " (give axes as tuples: lists are pytree nodes)" if isinstance(spec, list) else ""
-    raise ValueError(f"{what} for {path!r}: expected a tuple of int axes, got {spec!r}{hint}")
-  out = []
-  for a in spec:
-    if not -ndim <= a < ndim:
-      raise ValueError(f"{what} for {path!r}: axis {a} out of range for shape {shape}")
-    out.append(int(a) % ndim)
-  if len(set(out)) != len(out):
-    raise ValueError(f"{what} for {path!r}: repeated axes in {tuple(spec)}")
-  return tuple(sorted(out))
 
 
 __all__ = [
