@@ -8,13 +8,18 @@ every transform reads per-parameter axes through.
 
 # Label rules: path -> label -> axes, axis roles, presets.
 from slimoptax import layers
+from slimoptax import layouts
 from slimoptax import presets
 from slimoptax import rules
 from slimoptax import rules_io
 from slimoptax import trace
 from slimoptax.layers import LAYER_TYPES
 from slimoptax.layers import Reshaped
+from slimoptax.layers import Split
 from slimoptax.layers import axis_roles
+from slimoptax.layouts import Fused
+from slimoptax.layouts import Layout
+from slimoptax.layouts import layout_roles
 from slimoptax.presets import PRESETS
 from slimoptax.presets import layer_type
 from slimoptax.presets import preset
@@ -134,6 +139,10 @@ __all__ = (
     "QuantizedArray",
     "QuantizedState",
     "Reshaped",
+    "Split",
+    "Fused",
+    "Layout",
+    "layout_roles",
     "ReshapedDims",
     "GenericLayerWarning",
     "Rule",

@@ -38,7 +38,7 @@ from optax.contrib import MuonDimensionNumbers
 from optax.contrib import _muon as contrib_muon
 
 from slimoptax import _slim_adam as slim_adam
-from slimoptax import _tree, layers, presets
+from slimoptax import _tree, layouts, presets
 from slimoptax import rules as rules_lib
 from slimoptax._newton_schulz import (
   CUBIC_COEFFS,
@@ -100,13 +100,19 @@ def _normalize_spec(path: str, shape: tuple[int, ...], spec: Any) -> Spec:
 
 
 def _layer_dims(ltype: str, path: str, shape: Sequence[int], per_head: bool,
-                num_heads: int | None) -> Spec:
-  """Rows = fan_in, columns = fan_out axes of `slimoptax.axis_roles` (heads: batch)."""
+                layout: layouts.Layout | int | None) -> Spec:
+  """Rows = fan_in, columns = fan_out axes of `slimoptax.layouts.layout_roles` (heads, stacked: batch)."""
   shape = tuple(int(s) for s in shape)
-  if len(shape) < 2 or ltype in EXCLUDED_LAYER_TYPES:
+  layout = layouts.as_layout(layout)
+  if len(shape) - len(layout.stacked) < 2 or ltype in EXCLUDED_LAYER_TYPES:
     return None
+  if layout.fused is not None:
+    raise ValueError(f"dims for {path!r}: a fused parameter has no one matrix view; give `dims` for it "
+                     "explicitly (e.g. ReshapedDims splitting the parts into a batch axis)")
   heads = per_head and ltype in ("query", "key", "value", "attn_out")
-  view, roles = layers.axis_roles(ltype, shape, num_heads=num_heads if heads else None, path=path)
+  if not heads:
+    layout = layout._replace(num_heads=None, num_kv_heads=None)
+  view, roles = layouts.layout_roles(ltype, shape, layout, path=path)
   if heads and "heads" not in roles:
     raise ValueError(f"per_head=True: cannot find the heads axis of {ltype} kernel {path!r} with "
                      f"shape {shape}; pass num_heads= for 2-D (d, H*hd) kernels")

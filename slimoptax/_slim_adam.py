@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -84,8 +85,38 @@ def reduced_zeros(params: Any, axes: list[Any], dtype: Any = None) -> Any:
       jnp.zeros(s, dtype or p.dtype) for p, s in zip(leaves, reduced_shapes(params, axes))])
 
 
-def mean_over(x: jax.Array, axes: layers.Axes | layers.Reshaped) -> jax.Array:
-  """``E_K[x]`` with the averaged axes kept as size-1 dims (in ``x``'s view)."""
+def _parts(x: jax.Array, split: layers.Split) -> list[jax.Array]:
+  """The parts of a fused parameter (`slimoptax.Split`), each of the part's shape."""
+  xv = x.reshape(split.view)
+  return [jnp.take(xv, i, axis=split.axis) for i in range(len(split.parts))]
+
+
+def _unflatten_parts(stat: jax.Array, split: layers.Split) -> list[jax.Array]:
+  """A `slimoptax.Split` statistic (flat) cut back into its parts' reduced shapes."""
+  shape = split.part_shape
+  sizes = [layers.kept_entries(shape, p) for p in split.parts]
+  bounds = np.cumsum([0] + sizes)
+  return [stat[a:b].reshape(layers.reduced_shape(shape, p)) for a, b, p in zip(bounds[:-1], bounds[1:], split.parts)]
+
+
+def _averaged(axes: layers.Axes | layers.Reshaped) -> bool:
+  return bool(axes.axes if isinstance(axes, layers.Reshaped) else axes)
+
+
+def expand(stat: jax.Array, axes: layers.Axes | layers.Reshaped | layers.Split, shape: tuple[int, ...]) -> jax.Array:
+  """A reduced statistic broadcast back to the parameter's ``shape``."""
+  if isinstance(axes, layers.Split):
+    pieces = [expand(p, a, axes.part_shape) for p, a in zip(_unflatten_parts(stat, axes), axes.parts)]
+    return jnp.stack(pieces, axis=axes.axis).reshape(shape)
+  if isinstance(axes, layers.Reshaped):
+    return jnp.broadcast_to(stat, axes.shape).reshape(shape)
+  return jnp.broadcast_to(stat, shape)
+
+
+def mean_over(x: jax.Array, axes: layers.Axes | layers.Reshaped | layers.Split) -> jax.Array:
+  """``E_K[x]`` with the averaged axes kept as size-1 dims (in ``x``'s view; a `slimoptax.Split`'s: flat)."""
+  if isinstance(axes, layers.Split):
+    return jnp.concatenate([mean_over(p, a).ravel() for p, a in zip(_parts(x, axes), axes.parts)])
   if isinstance(axes, layers.Reshaped):
     x = x.reshape(axes.shape)
     axes = axes.axes
@@ -108,6 +139,8 @@ def mean_square(g: jax.Array, axes: layers.Axes | layers.Reshaped) -> jax.Array:
 
 def divide_in_view(x: jax.Array, den: jax.Array, axes: layers.Axes | layers.Reshaped) -> jax.Array:
   """``x / den`` with ``den`` reduced over ``axes`` (broadcast in ``x``'s view)."""
+  if isinstance(axes, layers.Split):
+    return x / expand(den, axes, x.shape)
   if isinstance(axes, layers.Reshaped):
     return (x.reshape(axes.shape) / den).reshape(x.shape)
   return x / den
@@ -128,6 +161,12 @@ def skip_nonfinite_groups(stat: jax.Array, axes: layers.Axes | layers.Reshaped, 
     >>> skip_nonfinite_groups(jnp.array([[jnp.inf], [1.0]]), (1,), jnp.ones((2, 2)), 0.0).tolist()
     [[0.0, 0.0], [1.0, 1.0]]
   """
+  if isinstance(axes, layers.Split):
+    # Per part: only averaged parts skip (a per-entry part keeps optax's per-entry behaviour).
+    ok = jnp.concatenate([(jnp.isfinite(p) | (not _averaged(a))).ravel()
+                          for p, a in zip(_unflatten_parts(stat, axes), axes.parts)])
+    old = jnp.asarray(old, new.dtype)
+    return jnp.where(ok if new.shape == stat.shape else expand(ok, axes, new.shape), new, old)
   view_axes = axes.axes if isinstance(axes, layers.Reshaped) else axes
   if not view_axes:
     return new

@@ -11,7 +11,7 @@ from jax.extend import core as jcore
 Axes = tuple[int, ...]
 
 ROLES = ("fan_in", "fan_out", "batch", "window", "token", "embed", "stacked", "fused",
-         "elementwise", "unknown", "unused")
+         "rotary", "elementwise", "unknown", "unused")
 _WEAK = ("elementwise",)
 
 
@@ -47,7 +47,8 @@ class TracedRoles(NamedTuple):
     shape: the parameter's shape.
     roles: per axis, the merged role over all uses: one of `ROLES` where the
       uses agree (an ``elementwise`` use gives way to any other; ``fused``
-      refines ``fan_out``), the distinct roles joined by ``"|"`` where they
+      refines ``fan_out``; ``rotary`` gives way to the role it is part of: its
+      use tells the rotated block), the distinct roles joined by ``"|"`` where they
       disagree (``"token|fan_out"`` for a tied embedding), or a tuple of
       `AxisPiece` for an axis whose pieces do different things.
     uses: every distinct use, in trace order.
@@ -73,10 +74,20 @@ Atom = tuple[int, int, int]
 Dims = tuple[tuple[Atom, ...], ...]
 
 
+class _Cut(NamedTuple):
+  """A value that is one block of an axis cut apart (``slice``, ``split``): kept to see the blocks rejoined."""
+
+  atoms: tuple[Atom, ...]  # the atoms that pick the block (recorded "fused")
+  index: int               # which block
+  whole: tuple[Atom, ...]  # the atoms of the axis before the cut
+  use: int                 # where the cut's "fused" record is in the leaf's uses (-1: none)
+
+
 class _Track(NamedTuple):
   leaf: int
   product: bool  # the value is a product of the parameter (followed only to find fused axes)
   dims: Dims
+  cuts: tuple[_Cut, ...] = ()  # the cuts that made the value a block, innermost last
 
 
 def _foreign(n: int) -> tuple[Atom, ...]:
@@ -155,7 +166,8 @@ class _Walker:
   """Follows parameter tracks through a jaxpr and records their uses per leaf."""
 
   def __init__(self, num_leaves: int):
-    self.uses: list[list[tuple[str, dict[Atom, str | None]]]] = [[] for _ in range(num_leaves)]
+    # A withdrawn use (a cut whose blocks were rejoined) is left as None.
+    self.uses: list[list[tuple[str, dict[Atom, str | None]] | None]] = [[] for _ in range(num_leaves)]
     # (leaf, atom of one block) -> the atoms that pick the block (shard_map bodies see one block)
     self.blocks: dict[tuple[int, Atom], tuple[Atom, ...]] = {}
 
@@ -181,7 +193,7 @@ class _Walker:
       have = _size(dim)
       if have == n:
         dims.append(dim)
-      elif n < have and have % n == 0:  # one block: the block's atoms stand for the whole axis
+      elif 0 < n < have and have % n == 0:  # one block: the block's atoms stand for the whole axis
         block, major = _cut(dim, have, n, 1)
         for atom in block:
           self.blocks[(track.leaf, atom)] = major
@@ -295,9 +307,9 @@ class _Walker:
       for t in ts:
         same = _shape(eqn.invars[i]) == out_shape
         if t.product:
-          # A bias added to a product keeps it a product; anything else ends the search.
+          # A bias added to a product, or a sign flip, keeps it a product; anything else ends the search.
           others_smaller = all(s < out_size for j, s in enumerate(sizes) if j != i)
-          if same and name in ("add", "sub", "add_any") and others_smaller:
+          if same and (name == "neg" or name in ("add", "sub", "add_any") and others_smaller):
             outs.append(t)
         elif same and not _expanded(t):
           outs.append(t)  # a transformation of the whole parameter (a cast, a mask, a scale)
@@ -337,20 +349,25 @@ class _Walker:
     strides = eqn.params.get("strides") or (1,) * len(shape)
     outs = []
     for t in tracked[0]:
-      dims, fused = list(t.dims), {}
+      dims, fused, cuts = list(t.dims), {}, []
       for d, n in enumerate(shape):
         lo, hi, step = int(start[d]), int(limit[d]), int(strides[d])
+        kept, block = len(range(lo, hi, step)), math.gcd(lo, hi, n)
         if (lo, hi, step) == (0, n, 1):
           continue
-        block = math.gcd(lo, hi, n)
-        if step == 1 and hi - lo == block:
-          dims[d], major = _cut(t.dims[d], n, block, 1)
-          fused.update((a, "fused") for a in major if a[0] >= 0)
+        if step == 1 and hi - lo == block:  # one block of n // block
+          (dims[d], major), index = _cut(t.dims[d], n, block, 1), lo // block
+        elif step > 1 and n % step == 0 and lo < step and kept == n // step:  # one residue class mod step
+          (dims[d], major), index = _every(t.dims[d], n, step), lo
         else:
-          dims[d] = _foreign(len(range(lo, hi, step)))
+          dims[d], major, index = _foreign(kept), (), 0
+        fused.update((a, "fused") for a in major if a[0] >= 0)
+        if major:
+          cuts.append((major, index, t.dims[d]))
+      use = len(self.uses[t.leaf]) if fused else -1
       if fused:
         self.uses[t.leaf].append(("slice", fused))
-      outs.append(t._replace(dims=tuple(dims)))
+      outs.append(t._replace(dims=tuple(dims), cuts=t.cuts + tuple(_Cut(*c, use) for c in cuts)))
     return [outs]
 
   def _split(self, eqn, tracked):
@@ -359,14 +376,65 @@ class _Walker:
     block = math.gcd(*sizes)
     outs: list[list[_Track]] = [[] for _ in sizes]
     for t in tracked[0]:
-      fused = {}
+      major = _cut(t.dims[axis], n, block, 1)[1]
+      fused = {a: "fused" for a in major if a[0] >= 0}
+      use = len(self.uses[t.leaf]) if fused else -1
       for i, s in enumerate(sizes):
-        dim, major = _cut(t.dims[axis], n, block, s // block)
-        fused.update((a, "fused") for a in major if a[0] >= 0)
-        outs[i].append(t._replace(dims=t.dims[:axis] + (dim,) + t.dims[axis + 1:]))
+        dim = _cut(t.dims[axis], n, block, s // block)[0]
+        cut = (_Cut(major, sum(sizes[:i]) // block, t.dims[axis], use),) if major and s == block else ()
+        outs[i].append(t._replace(dims=t.dims[:axis] + (dim,) + t.dims[axis + 1:], cuts=t.cuts + cut))
       if fused:
         self.uses[t.leaf].append(("split", fused))
     return outs
+
+  def _concatenate(self, eqn, tracked):
+    return self._rejoin(eqn, tracked, eqn.params["dimension"])
+
+  def _stack(self, eqn, tracked):
+    axis = eqn.params["axis"]
+    return self._rejoin(eqn, [[t._replace(dims=t.dims[:axis] + ((),) + t.dims[axis:]) for t in ts]
+                              for ts in tracked], axis)
+
+  def _rejoin(self, eqn, tracked, axis):
+    """The blocks of one cut put back together in another order: rotate-half, rotate-every-two.
+
+    The result is the value before the cut, its blocks reordered along
+    ``axis``: the cut's ``fused`` record is withdrawn and, for a product, the
+    axis it cut gets a ``rotary`` use (the block a rotary embedding rotates:
+    the head_dim). Blocks put back in their own order (q, k and v packed
+    again) and anything else end the track with an opaque use.
+    """
+    outs: list[_Track] = []
+    joined: set[tuple[int, _Track]] = set()
+    for t in tracked[0]:
+      key = _sibling_key(t)
+      if key is None:
+        continue
+      group = [next((u for u in ts if _sibling_key(u) == key), None) for ts in tracked]
+      if any(u is None for u in group):
+        continue
+      cut, order = t.cuts[-1], [u.cuts[-1].index for u in group]
+      if sorted(order) != list(range(math.prod(a[2] for a in cut.atoms))) or order == sorted(order):
+        continue
+      for i, u in enumerate(group):
+        joined.add((i, u))
+        self._withdraw(u.leaf, u.cuts[-1])
+      rotated = {a: "rotary" for a in cut.whole if a[0] >= 0}
+      if t.product and rotated:
+        self.uses[t.leaf].append((eqn.primitive.name, rotated))
+      out = t._replace(dims=t.dims[:axis] + (cut.atoms + t.dims[axis],) + t.dims[axis + 1:], cuts=t.cuts[:-1])
+      outs += [out] if out not in outs else []
+    self.opaque([[u for u in ts if (i, u) not in joined] for i, ts in enumerate(tracked)], eqn.primitive.name)
+    return [outs]
+
+  def _withdraw(self, leaf: int, cut: _Cut) -> None:
+    """Takes a cut's atoms out of its ``fused`` record (a use left with none is withdrawn)."""
+    entry = self.uses[leaf][cut.use] if cut.use >= 0 else None
+    if entry is not None:
+      for atom in cut.atoms:
+        entry[1].pop(atom, None)
+      if not entry[1]:
+        self.uses[leaf][cut.use] = None
 
   # -- control flow --------------------------------------------------------------
 
@@ -417,6 +485,22 @@ def _cut(dim: tuple[Atom, ...], n: int, block: int, blocks: int):
   return _foreign(blocks) + minor, major
 
 
+def _every(dim: tuple[Atom, ...], n: int, step: int):
+  """Keeps one residue class modulo ``step`` of an axis of size ``n`` (``x[..., 1::2]``).
+
+  Returns the kept axis's atoms and the atoms that pick the class.
+  """
+  parts = _regroup((dim,), (n // step, step))
+  return parts if parts is not None else (_foreign(n // step), ())
+
+
+def _sibling_key(t: _Track) -> tuple | None:
+  """What the blocks of one cut share (None for a value that is no block)."""
+  if not t.cuts:
+    return None
+  return t.leaf, t.product, t.dims, t.cuts[:-1], t.cuts[-1].atoms, t.cuts[-1].whole
+
+
 def _fill(dims: list[tuple[Atom, ...]], shape: tuple[int, ...]) -> Dims:
   """Fills axes without parameter atoms with pieces from elsewhere."""
   return tuple(d if _size(d) == n else _foreign(n) for d, n in zip(dims, shape))
@@ -461,6 +545,8 @@ def _merge(roles: Sequence[str | None], used: bool) -> str:
   strong = [r for r in dict.fromkeys(roles) if r is not None and r not in _WEAK]
   if "fused" in strong and "fan_out" in strong:
     strong.remove("fan_out")
+  if "rotary" in strong and len(strong) > 1:
+    strong.remove("rotary")
   if strong:
     return "|".join(strong)
   if any(r is not None for r in roles):
@@ -469,12 +555,17 @@ def _merge(roles: Sequence[str | None], used: bool) -> str:
 
 
 def _as_role(pieces: list[tuple[int, int]], values: list[str | None]) -> Role:
-  if len(set(values)) == 1:
-    return values[0]
-  return tuple(AxisPiece(size, v) for (_, size), v in zip(pieces, values))
+  out: list[AxisPiece] = []
+  for (_, size), v in zip(pieces, values):
+    if out and out[-1].role == v:  # neighbouring pieces with one role are one piece
+      out[-1] = AxisPiece(out[-1].size * size, v)
+    else:
+      out.append(AxisPiece(size, v))
+  return out[0].role if len(out) == 1 else tuple(out)
 
 
-def _result(shape: tuple[int, ...], uses: list[tuple[str, dict[Atom, str | None]]]) -> TracedRoles:
+def _result(shape: tuple[int, ...], uses: list[tuple[str, dict[Atom, str | None]] | None]) -> TracedRoles:
+  uses = [u for u in uses if u is not None]
   per_use: list[list[Role]] = [[] for _ in uses]
   merged: list[Role] = []
   for axis, n in enumerate(shape):

@@ -121,6 +121,39 @@ def leaves_like(tree: Any, spec: Any, *, what: str) -> list[Any]:
     ) from None
 
 
+def _child(node: Any, key: Any) -> Any:
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  return getattr(node, key.name) if isinstance(key, jax.tree_util.GetAttrKey) else node[key.key]
+
+
+def check_lists(params: Any, spec: Any, what: str) -> None:
+  """Raises a path-named error where ``spec``'s lists / tuples do not line up with ``params``' nodes."""
+  for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    pnode, node = params, spec
+    for depth, key in enumerate(key_path):
+      at = f"{what} at {path_str(key_path[:depth])!r}" if depth else f"{what} at the top level"
+      ours = f"(parameter {path_str(key_path)!r})"
+      lists = "give axes as tuples (lists are pytree nodes)" if isinstance(node, list) else ""
+      if is_axes_entry(node):
+        raise ValueError(f"{at} is the axes {node!r}, but the parameters there are a "
+                         f"{type(pnode).__name__}, not one array {ours}: give one entry per "
+                         f"parameter{'; ' + lists if lists else ''}")
+      if (isinstance(pnode, (list, tuple)) and isinstance(node, (list, tuple))
+          and isinstance(pnode, list) != isinstance(node, list)):
+        raise ValueError(f"{at} is a {type(node).__name__} where the parameters have a "
+                         f"{type(pnode).__name__} {ours}: {lists or 'give lists as in the parameters'}")
+      try:
+        pnode, node = _child(pnode, key), _child(node, key)
+      except (KeyError, IndexError, AttributeError, TypeError):
+        break  # another mismatch: `leaves_like` names it
+
+
+def is_axes_entry(node: Any) -> bool:
+  return (isinstance(node, (list, tuple)) and not hasattr(node, "_fields") and bool(node)
+          and all(isinstance(a, (int, np.integer)) for a in node))
+
+
 def is_param_like(spec: Any, params: Any) -> bool:
   """Whether ``spec`` has ``params``' structure down to ``params``' leaves."""
   try:

@@ -57,6 +57,24 @@ class Reshaped(NamedTuple):
   axes: Axes
 
 
+class Split(NamedTuple):
+  """Per-part averaging of a fused parameter (declared with `slimoptax.layouts.Fused`).
+
+  The parameter is viewed with shape ``view``; index ``i`` of axis ``axis`` is
+  part ``i`` (a ``view`` without that axis), averaged over ``parts[i]`` (axes
+  of the part, or a `Reshaped` view of it). The statistic is stored flat: the
+  parts' kept entries one after the other.
+  """
+
+  view: tuple[int, ...]
+  axis: int
+  parts: tuple[Any, ...]
+
+  @property
+  def part_shape(self) -> tuple[int, ...]:
+    return self.view[:self.axis] + self.view[self.axis + 1:]
+
+
 def _head_view(shape: tuple[int, ...], axis: int, num_heads: int, layer_type: str,
                path: str) -> tuple[int, ...]:
   """``(d, H*hd) -> (d, H, hd)`` (``axis=1``) or ``(H*hd, d) -> (H, hd, d)`` (``axis=0``)."""
@@ -103,7 +121,13 @@ def axis_roles(
   if ndim < 2 or layer_type in ("norm", "bias", "scalar"):
     return shape, roles
   if layer_type in ("embedding", "pos_embedding"):
-    roles.update(fan_in=(0,), fan_out=tuple(range(1, ndim)), token=(0,), vocab=(0,), embed=tuple(range(1, ndim)))
+    # Leading size-1 axes of a positional table (ViT's (1, N, d), added to a batch) are batch-like:
+    # neither positions nor embedding ("all" still covers them).
+    lead = 0
+    while layer_type == "pos_embedding" and lead < ndim - 2 and shape[lead] == 1:
+      lead += 1
+    embed = tuple(range(lead + 1, ndim))
+    roles.update(fan_in=(lead,), fan_out=embed, token=(lead,), vocab=(lead,), embed=embed)
     return shape, roles
   if layer_type == "head":
     roles.update(fan_in=tuple(range(ndim - 1)), fan_out=(ndim - 1,), embed=tuple(range(ndim - 1)),
@@ -133,21 +157,23 @@ def axis_roles(
 # --------------------------------------------------------------------------
 
 
-def _simplify_view(shape: tuple[int, ...], view: tuple[int, ...], axes: Axes) -> Axes | Reshaped:
-  """Maps view axes back to the stored layout when the view is not needed."""
-  # Group consecutive view axes into stored axes (view only splits axes).
-  groups: list[list[int]] = []
-  v = 0
+def view_groups(shape: Sequence[int], view: Sequence[int]) -> list[list[int]]:
+  """The consecutive axes of ``view`` each axis of ``shape`` is split into (a view only splits axes)."""
+  groups, v = [], 0
   for s in shape:
-    group = []
-    prod = 1
+    group, prod = [], 1
     while prod < s or not group:
       group.append(v)
       prod *= view[v]
       v += 1
     groups.append(group)
+  return groups
+
+
+def _simplify_view(shape: tuple[int, ...], view: tuple[int, ...], axes: Axes) -> Axes | Reshaped:
+  """Maps view axes back to the stored layout when the view is not needed."""
   out = []
-  for i, group in enumerate(groups):
+  for i, group in enumerate(view_groups(shape, view)):
     hit = [g in axes for g in group]
     if all(hit):
       out.append(i)
@@ -156,15 +182,19 @@ def _simplify_view(shape: tuple[int, ...], view: tuple[int, ...], axes: Axes) ->
   return tuple(out)
 
 
-def kept_entries(shape: Sequence[int], axes: Axes | Reshaped) -> int:
+def kept_entries(shape: Sequence[int], axes: Axes | Reshaped | Split) -> int:
   """Number of second-moment entries kept when averaging ``shape`` over ``axes``."""
+  if isinstance(axes, Split):
+    return sum(kept_entries(axes.part_shape, part) for part in axes.parts)
   if isinstance(axes, Reshaped):
     shape, axes = axes.shape, axes.axes
   return math.prod(s for i, s in enumerate(shape) if i not in axes)
 
 
-def reduced_shape(shape: Sequence[int], axes: Axes | Reshaped) -> tuple[int, ...]:
-  """Shape of a statistic averaged over ``axes`` with kept (size-1) dims."""
+def reduced_shape(shape: Sequence[int], axes: Axes | Reshaped | Split) -> tuple[int, ...]:
+  """Shape of a statistic averaged over ``axes`` with kept (size-1) dims (a `Split`'s: flat)."""
+  if isinstance(axes, Split):
+    return (kept_entries(shape, axes),)
   if isinstance(axes, Reshaped):
     shape, axes = axes.shape, axes.axes
   return tuple(1 if i in axes else int(s) for i, s in enumerate(shape))
@@ -175,6 +205,15 @@ def validate_axes(path: str, shape: tuple[int, ...], spec: Any, *, what: str = "
   ndim = len(shape)
   if spec is None:
     return ()
+  if isinstance(spec, Split):
+    view = tuple(int(s) for s in spec.view)
+    if math.prod(view) != math.prod(shape) or not 0 <= spec.axis < len(view) or len(spec.parts) != view[spec.axis]:
+      raise ValueError(
+          f"{what} for {path!r}: Split view {view} (axis {spec.axis}, {len(spec.parts)} parts) does not fit "
+          f"the parameter {shape}")
+    part_shape = view[:spec.axis] + view[spec.axis + 1:]
+    return Split(view, int(spec.axis), tuple(
+        validate_axes(f"{path}[part {i}]", part_shape, p, what=what) for i, p in enumerate(spec.parts)))
   if isinstance(spec, Reshaped):
     if math.prod(spec.shape) != math.prod(shape):
       raise ValueError(
@@ -212,12 +251,18 @@ LAYER_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"(^|[/.])[^/.]*(norm|^ln|[/._]ln)[^/.]*([/.]\d+)?[/.](scale|bias|weight|gamma|beta|g|b)$", "norm"),
     (r"(^|[/.])(ln_?\w*|layernorm\w*|rmsnorm\w*|batchnorm\w*|bn\w*|norm\w*)[/.](scale|bias|weight)$", "norm"),
     (r"(^|[/.])(bias|b)$", "bias"),
+    # Bias-like tensors of other shapes: T5's relative attention bias (buckets, heads), added to the
+    # attention logits; BART's final_logits_bias (1, vocab); ViT's class token (1, 1, d).
+    (r"(^|[/.])relative_attention_bias([/.](embedding|weight))?$", "bias"),
+    (r"(^|[/.])(final_logits_bias|cls_token)$", "bias"),
     # Embeddings.
     (r"(^|[/.])(wpe|pos_emb\w*|position_embed\w*|positional_embed\w*|pos_embed\w*)([/.](embedding|weight))?$", "pos_embedding"),
+    (r"(^|[/.])embed_positions([/.](embedding|weight))?$", "pos_embedding"),  # BART, OPT
     (r"(^|[/.])(wte|tok_embeddings|embed_tokens|token_embed\w*|tok_emb\w*|word_embeddings)([/.](embedding|weight))?$", "embedding"),
     (r"(^|[/.])embedding$", "embedding"),
     # Heads.
     (rf"(^|[/.])(lm_head|unembed\w*|logits|classifier|head|output_layer)[/.]{_W}$", "head"),
+    (rf"(^|[/.])classifier[/.]1[/.]{_W}$", "head"),  # Sequential(Flatten/Dropout, Dense): HF ResNet
     # Attention.
     (rf"(^|[/.])(c_attn|qkv|qkv_proj|in_proj|wqkv|query_key_value)[/.]{_W}$", "attn_qkv"),
     (rf"(^|[/.])(query|q_proj|wq|to_q|q_lin|q)[/.]{_W}$", "query"),
@@ -225,17 +270,29 @@ LAYER_PATTERNS: tuple[tuple[str, str], ...] = (
     (rf"(^|[/.])(value|v_proj|wv|to_v|v_lin|v)[/.]{_W}$", "value"),
     (rf"(^|[/.]){_ATTN}[/.](out|o_proj|wo|out_proj|c_proj|proj|output_proj|dense|to_out)[/.]{_W}$", "attn_out"),
     (rf"(^|[/.])(o_proj|out_proj|output_proj|to_out|out)[/.]{_W}$", "attn_out"),
+    (rf"(^|[/.])(selfattention|encdecattention)[/.]o[/.]{_W}$", "attn_out"),  # T5
+    # BERT / ViT (HF): attention/output/dense is the attention projection, before layer/N/output/dense.
+    (rf"(^|[/.])(attention|crossattention)[/.]output[/.]dense[/.]{_W}$", "attn_out"),
     # MLPs (gated first).
     (rf"(^|[/.])(gate|gate_proj|w3|wi_0|mlp_gate)[/.]{_W}$", "mlp_gate"),
     (rf"(^|[/.])(up|up_proj|w1|fc1|c_fc|wi|wi_1|mlp_up|fc_in)[/.]{_W}$", "mlp_up"),
     (rf"(^|[/.])(down|down_proj|w2|fc2|mlp_proj|mlp_down|fc_out)[/.]{_W}$", "mlp_down"),
     (rf"(^|[/.]){_MLP}[/.](c_proj|proj|wo|out|dense_1|linear_1|layers_1)[/.]{_W}$", "mlp_down"),
     (rf"(^|[/.]){_MLP}[/.](dense_0|linear_0|layers_0)[/.]{_W}$", "mlp_up"),
+    (rf"(^|[/.])densereludense[/.]wo[/.]{_W}$", "mlp_down"),  # T5
+    (rf"(^|[/.])dense_h_to_4h[/.]{_W}$", "mlp_up"),  # Bloom, GPT-NeoX
+    (rf"(^|[/.])dense_4h_to_h[/.]{_W}$", "mlp_down"),
+    # BERT / ViT (HF): intermediate/dense is the MLP up projection, layer/N/output/dense its down projection.
+    (rf"(^|[/.])intermediate[/.]dense[/.]{_W}$", "mlp_up"),
+    (rf"(^|[/.])layer[/.]\d+[/.]output[/.]dense[/.]{_W}$", "mlp_down"),
+    # Other named hidden Dense layers: a recognized "dense", no guess.
+    (rf"(^|[/.])(pooler|predictions[/.]transform)[/.]dense[/.]{_W}$", "dense"),
     # Convolutions and everything else.
+    (r"(^|[/.])patch_embed\w*[/.](projection|proj)[/.](kernel|weight)$", "conv"),  # ViT patch projection
     (r"(^|[/.])\w*conv\w*([/.]\d+)?[/.](kernel|weight)$", "conv"),
     (GENERIC_KERNEL_PATTERN, "dense"),
 )
 
 
-__all__ = ["GENERIC_KERNEL_PATTERN", "LAYER_PATTERNS", "LAYER_TYPES", "ROLE_NAMES", "Reshaped", "axis_roles",
+__all__ = ["GENERIC_KERNEL_PATTERN", "LAYER_PATTERNS", "LAYER_TYPES", "ROLE_NAMES", "Reshaped", "Split", "axis_roles",
            "kept_entries", "reduced_shape", "validate_axes"]

@@ -121,6 +121,11 @@ def preset(
     overrides: Mapping[str, Sequence[SemanticAxis] | str] | None = None,
     layer_types: Mapping[str, str] | None = None,
     strict: bool = False,
+    num_kv_heads: int | None = None,
+    stacked: Any = None,
+    torch_layout: Any = None,
+    einsum: Mapping[str, str] | None = None,
+    fused: Mapping[str, Any] | None = None,
 ) -> Rules:
   """The rules of a named preset.
 
@@ -154,6 +159,19 @@ def preset(
       ``kernel|weight|w`` pattern recognizes, whose role would be a guess;
       without it, presets whose axes depend on the role warn once
       (`slimoptax.GenericLayerWarning`) and `Rules.table` marks them ``?``.
+    num_kv_heads: key/value heads of grouped-query attention (``adam-mini``'s
+      per-head key blocks; default ``num_heads``).
+    stacked: stacked-layer axes (``nn.scan``, ``nnx.scan``): a path pattern or
+      list of them (axis 0) or ``{pattern: axis}``; never averaged, and roles
+      are read from the other axes.
+    torch_layout: ``True`` or path pattern(s) of kernels stored ``(fan_out,
+      fan_in)`` (PyTorch ``nn.Linear``, Hugging Face ``FlaxConv1D``).
+    einsum: ``{pattern: equation}``: roles of einsum kernels (the equation's
+      second operand), e.g. ``{r"q_einsum/w$": "BTD,NDH->BTNH"}``.
+    fused: ``{pattern: parts}``: fused kernels split into parts, each with its
+      layer type's axes, e.g. ``{r"c_attn/kernel$": ("query", "key", "value")}``
+      or a `slimoptax.layouts.Fused` (axis, per-head interleaving).
+      See `slimoptax.layouts` for all five.
 
   Returns:
     A `Rules` object.
@@ -192,7 +210,8 @@ def preset(
     rules.append(Rule(r"^", "dense", uniform.pop(), warn_unused=False, min_ndim=2))
   # A generic "dense" match is a guess when another matrix type would get other axes.
   role_dependent = any(table[t] != table["dense"] for t in LAYER_TYPES if t not in _VECTOR_TYPES)
-  return Rules(rules, name=key, num_heads=num_heads, role_dependent=role_dependent, strict=strict)
+  return Rules(rules, name=key, num_heads=num_heads, role_dependent=role_dependent, strict=strict,
+               num_kv_heads=num_kv_heads, stacked=stacked, torch_layout=torch_layout, einsum=einsum, fused=fused)
 
 
 

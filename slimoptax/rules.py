@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,14 +37,15 @@ from typing import Any, Union
 import jax
 import numpy as np
 
-from slimoptax._tree import is_param_like, leaves_like, named_leaves, path_str, shape_of
+from slimoptax import layouts as layouts_lib
+from slimoptax._tree import check_lists, is_param_like, leaves_like, named_leaves, shape_of
 from slimoptax.layers import (
   GENERIC_KERNEL_PATTERN,
   LAYER_TYPES,
   ROLE_NAMES,
   Reshaped,
+  Split,
   _simplify_view,
-  axis_roles,
   kept_entries,
   reduced_shape,
   validate_axes,
@@ -147,10 +147,13 @@ class Rules:
   """
 
   def __init__(self, rules: Iterable[Rule | Sequence[Any]] = (), *, name: str = "custom",
-               num_heads: int | None = None, role_dependent: bool = False, strict: bool = False):
+               num_heads: int | None = None, role_dependent: bool = False, strict: bool = False,
+               layouts: layouts_lib.Declarations | None = None, **declarations: Any):
     self.rules: tuple[Rule, ...] = tuple(_as_rule(i, r) for i, r in enumerate(rules))
     self.name = name
     self.num_heads = num_heads
+    # What names cannot tell (`slimoptax.layouts`): num_kv_heads=, stacked=, torch_layout=, einsum=, fused=.
+    self.layouts = (layouts or layouts_lib.Declarations()).merge(layouts_lib.declarations(**declarations))
     # Set by presets whose axes differ between layer roles: a generic "dense" match is a guess there.
     self.role_dependent = bool(role_dependent)
     self.strict = bool(strict)
@@ -161,7 +164,7 @@ class Rules:
     return Rules(self.rules + other.rules, name=f"{self.name}+{other.name}",
                  num_heads=self.num_heads if self.num_heads is not None else other.num_heads,
                  role_dependent=self.role_dependent or other.role_dependent,
-                 strict=self.strict or other.strict)
+                 strict=self.strict or other.strict, layouts=self.layouts.merge(other.layouts))
 
   def for_model(self, fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -> Any:
     """These rules' axes with roles read from the computation: `slimoptax.trace.traced_axes`."""
@@ -179,7 +182,26 @@ class Rules:
     return len(self.rules)
 
   def __eq__(self, other):
-    return isinstance(other, Rules) and self.rules == other.rules and self.num_heads == other.num_heads
+    return (isinstance(other, Rules) and self.rules == other.rules and self.num_heads == other.num_heads
+            and self.layouts == other.layouts)
+
+  def with_layouts(self, **declarations: Any) -> "Rules":
+    """These rules with more layout declarations (`slimoptax.layouts.declarations` keywords) taking precedence."""
+    return Rules(self.rules, name=self.name, num_heads=self.num_heads, role_dependent=self.role_dependent,
+                 strict=self.strict, layouts=layouts_lib.declarations(**declarations).merge(self.layouts))
+
+  def layout(self, path: str, shape: Sequence[int]) -> layouts_lib.Layout:
+    """The declared `slimoptax.layouts.Layout` of one parameter (fused parts resolved to these rules)."""
+    out = self.layouts.layout(path, len(tuple(shape)), self.num_heads)
+    if out.fused is None:
+      return out
+    parts = []
+    for ltype in out.fused.parts:
+      rule = next((r for r in self.rules if r.label == ltype and r.axes != UNSUPPORTED), None)
+      if rule is None:
+        raise ValueError(f"fused parameter {path!r}: no rule of {self.name!r} gives axes to its {ltype!r} part")
+      parts.append(rule)
+    return out._replace(fused=out.fused._replace(parts=tuple(parts)))
 
   def __repr__(self):
     return f"Rules(name={self.name!r}, {len(self.rules)} rules)"
@@ -247,7 +269,7 @@ class Rules:
   def resolve(self, params: Any, *, warn: bool = True,
               generic: bool = True) -> list[tuple[str, tuple[int, ...], Rule, Axes | Reshaped]]:
     """Resolves every leaf: ``[(path, shape, rule, axes_or_reshaped), ...]`` (see `rule_axes`)."""
-    return [(path, shape, rule, rule_axes(rule, path, shape, self.num_heads))
+    return [(path, shape, rule, rule_axes(rule, path, shape, self.layout(path, shape)))
             for path, shape, rule in self.match_all(params, warn=warn, generic=generic)]
 
   def labels(self, params: Any) -> Any:
@@ -264,26 +286,9 @@ class Rules:
   # -- display -----------------------------------------------------------------
 
   def table(self, params: Any) -> str:
-    """A text table: path, shape, label, axes, second moments kept."""
-    rows = []
-    total_kept = total = 0
-    for path, shape, rule, axes in self.resolve(params, warn=False, generic=False):
-      kept = kept_entries(shape, axes)
-      size = math.prod(shape)
-      total_kept += kept
-      total += size
-      label = rule.label + ("?" if self.is_generic(rule) else "")
-      rows.append((path, str(shape), label, _axes_str(axes), f"{kept:,}"))
-    header = ("path", "shape", "label", "axes", "kept")
-    rows.append(("TOTAL", "", "", "", f"{total_kept:,} of {total:,} ({_pct(total_kept, total)} kept)"))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
-    lines += [fmt.format(*r) for r in rows]
-    if any(r[2].endswith("?") for r in rows):
-      lines.append("? matched only by the generic kernel pattern: the layer role is a guess "
-                   "(name it with preset(..., layer_types=...))")
-    return "\n".join(lines)
+    """A text table: path, shape, label, axes, second moments kept (`slimoptax.rules_io.rules_table`)."""
+    from slimoptax.rules_io import rules_table
+    return rules_table(self, params)
 
   # -- serialisation -----------------------------------------------------------
 
@@ -335,14 +340,26 @@ def exact_pattern(name: str) -> str:
   return "^" + re.escape(name).replace(r"\*", r"[^/.]+") + "$"
 
 
-def rule_axes(rule: Rule, path: str, shape: tuple[int, ...], num_heads: int | None = None) -> Axes | Reshaped:
-  """The axes one rule gives one parameter: integer axes checked, semantic roles resolved by `axis_roles`."""
+def rule_axes(rule: Rule, path: str, shape: tuple[int, ...],
+              layout: layouts_lib.Layout | int | None = None) -> Axes | Reshaped | Split:
+  """The axes one rule gives one parameter.
+
+  Integer axes are checked; semantic roles are resolved by
+  `slimoptax.layouts.layout_roles` in the parameter's declared layout
+  (``layout``: its `slimoptax.layouts.Layout`, or a head count); a fused
+  parameter gets one entry per part (`slimoptax.Split`).
+  """
+  layout = layouts_lib.as_layout(layout)
   ndim = len(shape)
+  if layout.fused is not None:
+    view, axis, part_shape, part_layout = layouts_lib.fused_view(shape, layout.fused, layout, path=path)
+    return Split(view, axis, tuple(
+        rule_axes(part, f"{path}[{part.label} part]", part_shape, part_layout) for part in layout.fused.parts))
   if rule.axes == UNSUPPORTED:
     raise ValueError(
         f"parameter {path!r} (shape {shape}) is a {rule.label!r} layer, which this preset does "
-        "not handle; add a rule with explicit axes for it"
-    )
+        "not handle; declare its parts (preset(..., fused={" + repr(exact_pattern(path)) +
+        ": ('query', 'key', 'value')})) or add a rule with explicit axes for it")
   axes = rule.axes
   if not any(isinstance(a, str) for a in axes):
     out = []
@@ -352,17 +369,21 @@ def rule_axes(rule: Rule, path: str, shape: tuple[int, ...], num_heads: int | No
       out.append(a % ndim)
     if len(set(out)) != len(out):
       raise ValueError(f"rule {rule.pattern!r}: repeated axes {axes} for parameter {path!r}")
+    if set(out) & set(layout.stacked):
+      raise ValueError(f"rule {rule.pattern!r}: axes {axes} of {path!r} include its stacked axes "
+                       f"{layout.stacked}, which are never averaged")
     return tuple(sorted(out))
   if rule.label not in LAYER_TYPES:
     raise ValueError(
         f"rule {rule.pattern!r} uses semantic axes {axes} but its label {rule.label!r} is not a "
         f"layer type; known layer types: {sorted(LAYER_TYPES)} (parameter {path!r})"
     )
-  if ndim < 2 and rule.label not in ("norm", "bias", "scalar") and not set(axes) <= {"all"}:
+  if ndim - len(layout.stacked) < 2 and rule.label not in ("norm", "bias", "scalar") and not set(axes) <= {"all"}:
     # Vector-like parameters only know "all".
     raise ValueError(f"parameter {path!r} with shape {shape} has no axis roles {axes}")
-  needs_heads = any(a in ("heads", "head_dim") for a in axes)
-  view, roles = axis_roles(rule.label, shape, num_heads=num_heads if needs_heads else None, path=path)
+  if not any(a in ("heads", "head_dim") for a in axes):
+    layout = layout._replace(num_heads=None, num_kv_heads=None)
+  view, roles = layouts_lib.layout_roles(rule.label, shape, layout, path=path)
   picked: set[int] = set()
   for a in axes:
     if isinstance(a, int):
@@ -371,7 +392,8 @@ def rule_axes(rule: Rule, path: str, shape: tuple[int, ...], num_heads: int | No
       picked.add(a % ndim)
       continue
     if a not in roles:
-      hint = " (pass num_heads= for 2-D attention kernels)" if a in ("heads", "head_dim") else ""
+      hint = (" (pass num_heads= for 2-D attention kernels, num_kv_heads= for grouped-query key/value)"
+              if a in ("heads", "head_dim") else "")
       raise ValueError(
           f"axis role {a!r} is not defined for parameter {path!r} of layer type {rule.label!r} "
           f"with shape {shape}{hint}"
@@ -383,23 +405,17 @@ def rule_axes(rule: Rule, path: str, shape: tuple[int, ...], num_heads: int | No
   return _simplify_view(shape, view, picked_t)
 
 
-def _axes_str(axes: Axes | Reshaped) -> str:
-  if isinstance(axes, Reshaped):
-    return f"{tuple(axes.axes)} of view {tuple(axes.shape)}"
-  return str(tuple(axes)) if axes else "-"
-
-
-def _pct(a: int, b: int) -> str:
-  return f"{100.0 * a / b:.3f}%" if b else "n/a"
-
-
 # --------------------------------------------------------------------------
 # The one resolver of per-parameter arguments.
 # --------------------------------------------------------------------------
 
 
-def as_rules(rules: Any, *, num_heads: int | None = None) -> Rules:
-  """Reads a preset name, a `Rules` object, a JSON-style mapping or a list of rules as `Rules`."""
+def as_rules(rules: Any, *, num_heads: int | None = None, **declarations: Any) -> Rules:
+  """Reads a preset name, a `Rules` object, a JSON-style mapping or a list of rules as `Rules`.
+
+  ``declarations``: layout keywords (``num_kv_heads``, ``stacked``, ``torch_layout``, ``einsum``,
+  ``fused``; see `slimoptax.layouts.declarations`), taking precedence over the rules' own.
+  """
   if isinstance(rules, str):
     from slimoptax.presets import preset  # presets are built from rules: imported here
     return preset(rules, num_heads=num_heads)
@@ -414,8 +430,8 @@ def as_rules(rules: Any, *, num_heads: int | None = None) -> Rules:
         f"rules must be a preset name, a Rules object, a mapping or a list of rules; got {type(rules)}")
   if num_heads is not None and out.num_heads is None:
     out = Rules(out.rules, name=out.name, num_heads=num_heads, role_dependent=out.role_dependent,
-                strict=out.strict)
-  return out
+                strict=out.strict, layouts=out.layouts)
+  return out.with_layouts(**declarations) if declarations else out
 
 
 def _is_rules_like(spec: Any, params: Any) -> bool:
@@ -430,39 +446,6 @@ def _is_rules_like(spec: Any, params: Any) -> bool:
   first = spec[0] if isinstance(spec, list) and spec else None  # a Rule or (pattern, label, ...)
   return (isinstance(first, Rule) or isinstance(first, tuple) and bool(first)
           and isinstance(first[0], str)) and not is_param_like(spec, params)
-
-
-def _child(node: Any, key: Any) -> Any:
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return node[key.idx]
-  return getattr(node, key.name) if isinstance(key, jax.tree_util.GetAttrKey) else node[key.key]
-
-
-def _check_lists(params: Any, spec: Any, what: str) -> None:
-  """Raises a path-named error where ``spec``'s lists / tuples do not line up with ``params``' nodes."""
-  for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    pnode, node = params, spec
-    for depth, key in enumerate(key_path):
-      at = f"{what} at {path_str(key_path[:depth])!r}" if depth else f"{what} at the top level"
-      ours = f"(parameter {path_str(key_path)!r})"
-      lists = "give axes as tuples (lists are pytree nodes)" if isinstance(node, list) else ""
-      if _is_axes(node):
-        raise ValueError(f"{at} is the axes {node!r}, but the parameters there are a "
-                         f"{type(pnode).__name__}, not one array {ours}: give one entry per "
-                         f"parameter{'; ' + lists if lists else ''}")
-      if (isinstance(pnode, (list, tuple)) and isinstance(node, (list, tuple))
-          and isinstance(pnode, list) != isinstance(node, list)):
-        raise ValueError(f"{at} is a {type(node).__name__} where the parameters have a "
-                         f"{type(pnode).__name__} {ours}: {lists or 'give lists as in the parameters'}")
-      try:
-        pnode, node = _child(pnode, key), _child(node, key)
-      except (KeyError, IndexError, AttributeError, TypeError):
-        break  # another mismatch: `leaves_like` names it
-
-
-def _is_axes(node: Any) -> bool:
-  return (isinstance(node, (list, tuple)) and not hasattr(node, "_fields") and bool(node)
-          and all(isinstance(a, (int, np.integer)) for a in node))
 
 
 LeafFn = Callable[[str, tuple[int, ...]], Any]
@@ -480,6 +463,7 @@ def resolve_tree(
     presets: bool = True,
     num_heads: int | None = None,
     warn: bool = True,
+    declarations: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, tuple[int, ...], Any]]:
   """Reads a per-parameter argument in any of its forms: the resolver of every transform.
 
@@ -491,7 +475,8 @@ def resolve_tree(
   * a name: ``named[name]`` (any form below), or a preset (`slimoptax.preset`);
   * a `Rules` object, a flat JSON-style mapping ``{exact path: [axes] | None}``
     or a list of ``(pattern, label, axes)``: each parameter's first matching
-    rule gives its entry through ``from_rule(rule, path, shape, num_heads)``
+    rule gives its entry through ``from_rule(rule, path, shape, layout)`` (the
+    leaf's declared `slimoptax.layouts.Layout`, which carries ``num_heads``)
     (an unmatched parameter is an error naming it);
   * a callable ``params -> any of these``;
   * a pytree matching ``params`` whose leaves are the entries themselves,
@@ -510,6 +495,7 @@ def resolve_tree(
       (row, col) pairs, takes only its ``named`` ones).
     num_heads: attention head count, for rules with head roles on 2-D kernels.
     warn: warn about user rules that match no parameter.
+    declarations: layout keywords for rules and presets (`slimoptax.layouts.declarations`).
 
   Returns:
     ``[(path, shape, entry), ...]`` in leaf order.
@@ -535,26 +521,29 @@ def resolve_tree(
       if not presets:
         raise ValueError(f"unknown {what} preset {spec!r}; known: {tuple(named or ())}")
       try:
-        spec = as_rules(spec, num_heads=num_heads)
+        spec = as_rules(spec, num_heads=num_heads, **dict(declarations or {}))
       except ValueError as err:
         extra = f" or one of {sorted(named)}" if named else ""
         raise ValueError(f"{what}: {err}{extra}") from None
     if _is_rules_like(spec, params):
-      rules = as_rules(spec, num_heads=num_heads)
-      return [(p, s, from_rule(rule, p, s, rules.num_heads)) for p, s, rule in rules.match_all(
+      rules = as_rules(spec, num_heads=num_heads, **dict(declarations or {}))
+      return [(p, s, from_rule(rule, p, s, rules.layout(p, s))) for p, s, rule in rules.match_all(
           params, warn=warn)]
     if callable(spec):
       spec = spec(params)
       continue
+    if declarations:
+      raise ValueError(f"{what}: layout declarations {sorted(declarations)} apply to rules and presets, "
+                       "not to per-parameter entries given directly")
     if not is_param_like(spec, params):
-      _check_lists(params, spec, what)
+      check_lists(params, spec, what)
     per_leaf = leaves_like(params, spec, what=what)
     return [(p, s, check_leaf(p, s, a)) for (p, s), a in zip(shapes, per_leaf)]
   raise ValueError(f"{what}: {spec!r} does not resolve to per-parameter entries")
 
 
 def compression_axes(params: Any, rules: Any, *, num_heads: int | None = None,
-                     warn: bool = True) -> Any:
+                     warn: bool = True, **declarations: Any) -> Any:
   """Resolves rules (or a preset name) to a pytree of axes, one entry per parameter.
 
   Args:
@@ -564,6 +553,8 @@ def compression_axes(params: Any, rules: Any, *, num_heads: int | None = None,
       ``(pattern, label, axes)``, a callable or a pytree of axes.
     num_heads: attention head count, for head-wise presets on 2-D kernels.
     warn: warn about user rules that match no parameter.
+    **declarations: what names cannot tell (``num_kv_heads``, ``stacked``,
+      ``torch_layout``, ``einsum``, ``fused``): see `slimoptax.layouts.declarations`.
 
   Returns:
     A pytree with ``params``' structure whose leaves are sorted tuples of
@@ -575,7 +566,8 @@ def compression_axes(params: Any, rules: Any, *, num_heads: int | None = None,
     >>> slimoptax.compression_axes(params, "slimadam")["params"]["mlp"]["up"]["kernel"]
     (1,)
   """
-  resolved = resolve_tree(params, rules, what="rules", num_heads=num_heads, warn=warn)
+  resolved = resolve_tree(params, rules, what="rules", num_heads=num_heads, warn=warn,
+                          declarations=declarations)
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params),
                                       [a for _, _, a in resolved])
 

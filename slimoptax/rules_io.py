@@ -17,10 +17,13 @@ or the flat key) and the JSON key that is wrong or missing.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from slimoptax import layouts
+from slimoptax.layers import Axes, Reshaped, Split, kept_entries
 from slimoptax.rules import Rule, Rules, exact_pattern
 
 FORMAT = "slimoptax.rules/v1"
@@ -37,7 +40,7 @@ def rules_to_dict(rules: Rules) -> dict[str, Any]:
   Returns:
     ``{"format", "name", "num_heads", "rules": [{pattern, label, axes, ...}]}``.
   """
-  return {
+  out = {
       "format": FORMAT,
       "name": rules.name,
       "num_heads": rules.num_heads,
@@ -48,6 +51,9 @@ def rules_to_dict(rules: Rules) -> dict[str, Any]:
           for r in rules.rules
       ],
   }
+  if rules.layouts:
+    out["layouts"] = layouts.to_json(rules.layouts)
+  return out
 
 
 def rules_from_dict(data: Any) -> Rules:
@@ -132,7 +138,8 @@ def _structured(data: Mapping[str, Any]) -> Rules:
                       r.get("warn_unused", True), r.get("min_ndim", 0), r.get("max_ndim")))
     except (ValueError, TypeError) as err:
       raise ValueError(f"{where}: {_unprefixed(err, r['pattern'], r['label'])}") from None
-  return Rules(out, name=data.get("name", "custom"), num_heads=num_heads)
+  decl = layouts.from_json(data["layouts"]) if data.get("layouts") is not None else None
+  return Rules(out, name=data.get("name", "custom"), num_heads=num_heads, layouts=decl)
 
 
 def _unprefixed(err: Exception, pattern: str, label: str) -> str:
@@ -193,4 +200,39 @@ def rules_from_json(path_or_text: str | os.PathLike) -> Rules:
     raise ValueError(f"{source}: {err}") from None
 
 
-__all__ = ["FORMAT", "rules_from_dict", "rules_from_json", "rules_to_dict"]
+def _axes_str(axes: Axes | Reshaped | Split) -> str:
+  if isinstance(axes, Split):
+    return "parts " + ", ".join(_axes_str(p) for p in axes.parts) + f" of axis {axes.axis} of view {axes.view}"
+  if isinstance(axes, Reshaped):
+    return f"{tuple(axes.axes)} of view {tuple(axes.shape)}"
+  return str(tuple(axes)) if axes else "-"
+
+
+def _pct(a: int, b: int) -> str:
+  return f"{100.0 * a / b:.3f}%" if b else "n/a"
+
+
+def rules_table(rules: Rules, params: Any) -> str:
+  """A text table of ``rules`` against ``params``: path, shape, label, axes, second moments kept (`Rules.table`)."""
+  rows = []
+  total_kept = total = 0
+  for path, shape, rule, axes in rules.resolve(params, warn=False, generic=False):
+    kept = kept_entries(shape, axes)
+    size = math.prod(shape)
+    total_kept += kept
+    total += size
+    label = rule.label + ("?" if rules.is_generic(rule) else "")
+    rows.append((path, str(shape), label, _axes_str(axes), f"{kept:,}"))
+  header = ("path", "shape", "label", "axes", "kept")
+  rows.append(("TOTAL", "", "", "", f"{total_kept:,} of {total:,} ({_pct(total_kept, total)} kept)"))
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+  fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+  lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+  lines += [fmt.format(*r) for r in rows]
+  if any(r[2].endswith("?") for r in rows):
+    lines.append("? matched only by the generic kernel pattern: the layer role is a guess "
+                 "(name it with preset(..., layer_types=...))")
+  return "\n".join(lines)
+
+
+__all__ = ["FORMAT", "rules_from_dict", "rules_from_json", "rules_table", "rules_to_dict"]

@@ -19,6 +19,10 @@ enough) and follows every parameter into the primitives it flows into:
                                  with that axis removed)
 a product cut apart along a      that part of the free axis ``fused`` (fused
 free axis (``split``, slices)    q/k/v or k/v kernels, gate/up kernels)
+the blocks of such a cut put     not ``fused``: the axis keeps its role and a
+back in another order            ``rotary`` use names the axis that was cut
+(``concatenate``, ``stack``)     (rotate-half ``[-x2, x1]``, rotate-every-two
+                                 ``[-x[..., 1::2], x[..., ::2]]``: head_dim)
 elementwise use, reductions      ``elementwise`` (norm scales, biases)
 ================================ ===============================================
 
@@ -29,12 +33,13 @@ parameter (a mask) and the sub-jaxprs of ``jit``, ``remat``,
 ``custom_jvp_call``, ``custom_vjp_call``, ``cond``, ``while``, ``scan`` and
 ``shard_map`` (whose body sees one block of each sharded axis).
 Any other primitive records an opaque use (axes ``"unknown"`` unless another
-use names them); a parameter never reached is ``"unused"``. Not read: a
-product cut apart and put back together (rotary embeddings cut ``head_dim``
-in two) is reported fused like a fused kernel; a stacked parameter indexed
-dynamically (``w[i]`` in a ``fori_loop``) reads as a table (``token``,
-``embed``); unaligned slices, ``concatenate``, ``pad``, scatters, sorts and
-custom kernels end the track with an opaque use.
+use names them); a parameter never reached is ``"unused"``. Not read: blocks
+put back together after being mixed with other values (gemma's
+``concatenate([x1 * cos - x2 * sin, ...])``) or in their own order (partial
+rotary's ``[rotated, passed]``) leave the cut ``fused``; a stacked parameter
+indexed dynamically (``w[i]`` in a ``fori_loop``) reads as a table
+(``token``, ``embed``); unaligned slices, any other ``concatenate``, ``pad``,
+scatters, sorts and custom kernels end the track with an opaque use.
 
 Models: linen ``lambda p, x: model.apply({"params": p}, x)``; NNX ``graphdef,
 params, rest = nnx.split(model, nnx.Param, ...)`` and ``lambda p, x:
@@ -45,6 +50,7 @@ params=p).logits``; plain JAX ``loss(params, batch)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -62,6 +68,7 @@ from slimoptax._trace_walk import (
   _whole,
 )
 from slimoptax._tree import named_leaves, shape_of
+from slimoptax.layers import view_groups
 
 Axes = tuple[int, ...]
 
@@ -264,7 +271,12 @@ def traced_axes(rules: Any, fn: Callable[..., Any], params: Any, *args: Any, num
   ``nnx.scan``) is never averaged (``"all"`` means every other axis: one
   value per layer). Where names and trace agree on fan_in / fan_out, the
   name-derived roles are used as they are (head views included, computed on
-  the parameter without its stacked axes). Where they disagree, the traced
+  the parameter without its stacked axes), except that a 2-D query/key
+  kernel whose product a rotary embedding rotates is viewed with the
+  head_dim the rotation reads: ``num_heads`` must give that view for queries;
+  keys may have fewer heads (grouped-query attention: a ``(d, 2*8)`` key
+  with ``num_heads=4`` is viewed ``(d, 2, 8)``, not ``(d, 4, 4)``); any other
+  disagreement is a ValueError. Where they disagree, the traced
   roles win (they are what the computation does); a role the trace cannot
   give (``heads`` / ``head_dim`` of a kernel whose layout is not Flax's) is
   a ValueError naming the parameter. Rules with integer axes are declarations
@@ -299,12 +311,16 @@ def traced_axes(rules: Any, fn: Callable[..., Any], params: Any, *args: Any, num
   out, untraced = [], []
   for path, shape, rule in rules.match_all(params):
     t = traced[path]
+    layout = rules.layout(path, shape)
+    if layout.fused is not None or layout.torch or layout.einsum or layout.stacked:
+      out.append(_declared_axes(rules_lib, rule, path, shape, layout, t))  # declarations win, checked
+      continue
     semantic = not isinstance(rule.axes, str) and any(isinstance(a, str) for a in rule.axes)
     if not semantic or rule.label not in LAYER_TYPES or not t.used or all(
         r in ("unknown", "unused", "elementwise") for r in t.roles):
       if semantic and not t.used:
         untraced.append(path)
-      out.append(rules_lib.rule_axes(rule, path, shape, rules.num_heads))
+      out.append(rules_lib.rule_axes(rule, path, shape, layout))
       continue
     stacked = stacked_axes(t)
     inner, back = _unstacked(shape, stacked)
@@ -315,12 +331,12 @@ def traced_axes(rules: Any, fn: Callable[..., Any], params: Any, *args: Any, num
       named = {}
     named = {k: tuple(back(a) for a in v) for k, v in named.items()}
     if all(named.get(k, ()) == got[k] for k in ("fan_in", "fan_out")):
-      axes = rules_lib.rule_axes(rule, path, inner, rules.num_heads)  # Flax layout: names are right
+      axes = rules_lib.rule_axes(rule, path, inner, layout)  # Flax layout: names are right
       if isinstance(axes, Reshaped):
         if stacked:
           raise ValueError(f"{path!r}: a head view of a stacked 2-D attention kernel {shape} is not supported; "
                            "give integer axes (of the stored layout) for it")
-        out.append(axes)
+        out.append(_rotary_view(path, rule.label, t, axes))
       else:
         out.append(tuple(sorted(back(a) for a in axes)))
       continue
@@ -342,6 +358,102 @@ def traced_axes(rules: Any, fn: Callable[..., Any], params: Any, *args: Any, num
     warnings.warn(f"for_model: {len(untraced)} parameter(s) not reached by the traced computation keep their "
                   f"name-derived axes: {untraced[:6]}{' ...' if len(untraced) > 6 else ''}", stacklevel=3)
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out)
+
+
+def _declared_axes(rules_lib: Any, rule: Any, path: str, shape: tuple[int, ...], layout: Any,
+                   t: TracedRoles) -> Any:
+  """A declared layout's axes, refused where the computation contradicts its fan_in / fan_out / stacked axes."""
+  from slimoptax.layouts import layout_roles
+
+  axes = rules_lib.rule_axes(rule, path, shape, layout)
+  if layout.fused is not None and t.used:
+    _check_fused(path, shape, layout, t)
+  if layout.fused is not None or not t.used or isinstance(rule.axes, str):
+    return axes
+  traced_stacked = tuple(stacked_axes(t))
+  if traced_stacked and traced_stacked != tuple(layout.stacked):
+    raise ValueError(f"{path!r}: declared stacked axes {layout.stacked}, the computation scans over "
+                     f"{traced_stacked} (traced roles {t.roles})")
+  try:
+    view, declared = layout_roles(rule.label, shape, layout._replace(num_heads=None, num_kv_heads=None), path=path)
+  except ValueError:
+    return axes
+  got = _traced_map(rule.label, t, list(traced_stacked))
+  for role in ("fan_in", "fan_out"):
+    if view == shape and got.get(role) and declared.get(role) and tuple(got[role]) != tuple(declared[role]):
+      raise ValueError(f"{path!r}: its declared layout gives {role} {declared[role]}, the computation "
+                       f"{tuple(got[role])} (traced roles {t.roles}); fix the declaration")
+  return axes
+
+
+def _check_fused(path: str, shape: tuple[int, ...], layout: Any, t: TracedRoles) -> None:
+  """Refuses a `Fused` declaration whose axis, part count, interleaving or layout the computation contradicts."""
+  from slimoptax.layouts import fused_view, layout_roles
+
+  view, part_axis, _, _ = fused_view(shape, layout.fused, layout, path=path)
+  groups = view_groups(shape, view)
+  axis = next(j for j, g in enumerate(groups) if part_axis in g)
+  declared = tuple(view[v] for v in groups[axis])  # (n,), (n, rest) or (heads, n, rest)
+  at = groups[axis].index(part_axis)
+  traced = [(j, r) for j, r in enumerate(t.roles) if r == "fused" or (
+      isinstance(r, tuple) and any(p.role == "fused" for p in r))]
+  problem = None
+  if [j for j, _ in traced] != [axis]:
+    problem = f"the computation cuts axes {[j for j, _ in traced]} into parts, the declaration axis {axis}"
+  else:
+    pieces = traced[0][1] if isinstance(traced[0][1], tuple) else ()
+    sizes = [p.size for p in pieces] or [shape[axis]]
+    k = next((i for i, p in enumerate(pieces) if p.role == "fused"), 0)
+    if sizes[k] != declared[at] or math.prod(sizes[:k]) != math.prod(declared[:at]):
+      problem = (f"the computation cuts axis {axis} as {tuple(sizes)} (parts at {k}), the declaration as "
+                 f"{declared} (parts at {at}; per-head parts need Fused(heads=...))")
+  if problem is None:
+    rest = layout._replace(fused=None, num_heads=None, num_kv_heads=None)
+    try:
+      _, roles = layout_roles("dense", shape, rest, path=path)
+    except ValueError:
+      roles = {}
+    traced_in = fan_in_axes(t)
+    if traced_in and roles.get("fan_in") and tuple(roles["fan_in"]) != tuple(traced_in):
+      problem = (f"its declared layout gives fan_in {roles['fan_in']}, the computation {traced_in} "
+                 "(torch_layout= for (fan_out, fan_in) kernels)")
+  if problem:
+    raise ValueError(f"{path!r}: the fused declaration {layout.fused._replace(parts=tuple(getattr(p, 'label', p) for p in layout.fused.parts))} does not fit: {problem} (traced roles {t.roles})")
+
+
+def _rotated_block(t: TracedRoles, axis: int) -> int | None:
+  """The size of the minor block of ``axis`` a rotary embedding rotates (1 if it is not minor), or None."""
+  blocks = []
+  for use in t.uses:
+    role = use.roles[axis]
+    pieces = role if isinstance(role, tuple) else (AxisPiece(t.shape[axis], role),)
+    if any(p.role == "rotary" for p in pieces):
+      block = 1
+      for p in reversed(pieces):
+        if p.role != "rotary":
+          break
+        block *= p.size
+      blocks.append(block)
+  return max(blocks, default=None)
+
+
+def _rotary_view(path: str, label: str, t: TracedRoles, view: Any) -> Any:
+  """The head view of a 2-D ``(d, H*hd)`` kernel, checked against the head_dim its rotary embedding rotates."""
+  from slimoptax.layers import _simplify_view
+
+  if label not in ("query", "key") or len(t.shape) != 2 or len(view.shape) != 3 or view.shape[0] != t.shape[0]:
+    return view
+  d, n = t.shape
+  block = _rotated_block(t, 1)
+  if block is None or view.shape[1:] == (n // block, block):
+    return view
+  heads = n // block
+  if label == "key" and heads < view.shape[1] and view.shape[1] % heads == 0:  # grouped-query keys
+    return _simplify_view(t.shape, (d, heads, block), view.axes)
+  raise ValueError(
+      f"{path!r}: its rotary embedding rotates blocks of {block} of its fan_out {n} ({heads} heads of "
+      f"head_dim {block}), but num_heads gives the head view {view.shape}; pass the num_heads of the model, "
+      "or give integer axes for it")
 
 
 def roles_table(traced: Any) -> str:

@@ -373,3 +373,88 @@ def test_list_where_a_tuple_node_is_expected_names_the_path():
   with pytest.raises(ValueError, match=r"compress for 'x': expected a tuple of int axes, got \[\[0\]\] "
                                        r"\(give axes as tuples"):
     rules_lib.validate_axes("x", (4, 8), [[0]])
+
+
+@pytest.mark.parametrize("path,shape,ltype", [
+    # BERT / ViT (Hugging Face Flax): the attention projection before the MLP's layer/N/output/dense.
+    ("bert/encoder/layer/0/attention/output/dense/kernel", (32, 32), "attn_out"),
+    ("bert/encoder/layer/0/crossattention/output/dense/kernel", (32, 32), "attn_out"),
+    ("bert/encoder/layer/0/intermediate/dense/kernel", (32, 64), "mlp_up"),
+    ("vit/encoder/layer/11/output/dense/kernel", (64, 32), "mlp_down"),
+    ("bert.encoder.layer.0.output.dense.weight", (32, 64), "mlp_down"),
+    ("bert/pooler/dense/kernel", (32, 32), "dense"),
+    ("cls/predictions/transform/dense/kernel", (32, 32), "dense"),
+    ("vit/embeddings/patch_embeddings/projection/kernel", (4, 4, 3, 32), "conv"),
+    ("vit/embeddings/cls_token", (1, 1, 32), "bias"),
+    ("vit/embeddings/position_embeddings", (1, 17, 32), "pos_embedding"),
+    # T5.
+    ("encoder/block/0/layer/0/SelfAttention/o/kernel", (32, 32), "attn_out"),
+    ("decoder/block/0/layer/1/EncDecAttention/o/kernel", (32, 32), "attn_out"),
+    ("decoder/block/0/layer/2/DenseReluDense/wo/kernel", (64, 32), "mlp_down"),
+    ("encoder/block/0/layer/0/SelfAttention/relative_attention_bias/embedding", (8, 4), "bias"),
+    # Bloom, BART / OPT, ResNet.
+    ("transformer/h/0/mlp/dense_h_to_4h/kernel", (32, 128), "mlp_up"),
+    ("transformer/h/0/mlp/dense_4h_to_h/kernel", (128, 32), "mlp_down"),
+    ("model/decoder/embed_positions/embedding", (18, 32), "pos_embedding"),
+    ("final_logits_bias", (1, 100), "bias"),
+    ("classifier/1/kernel", (16, 5), "head"),
+])
+def test_hugging_face_flax_names(path, shape, ltype):
+  assert slimoptax.layer_type(path, shape) == ltype
+
+
+@pytest.mark.parametrize("path,shape,ltype", [
+    # Near misses: the names these recognizers must not take over.
+    ("bert/encoder/layer/0/output/LayerNorm/scale", (32,), "norm"),
+    ("bert/encoder/layer/0/attention/output/dense/bias", (32,), "bias"),
+    ("bert/encoder/layer/0/attention/self/query/kernel", (32, 32), "query"),
+    ("transformer/h/0/self_attention/dense/kernel", (32, 32), "attn_out"),
+    ("blocks/0/output/dense/kernel", (64, 32), "dense"),          # "output/dense" outside layer/N
+    ("encoder/output/dense/kernel", (64, 32), "dense"),
+    ("intermediate/kernel", (32, 64), "dense"),
+    ("model/o/kernel", (32, 32), "dense"),                        # "o" outside T5 attention
+    ("SelfAttention/out/kernel", (32, 32), "attn_out"),
+    ("DenseReluDense/wi/kernel", (32, 64), "mlp_up"),
+    ("DenseReluDense/wi_0/kernel", (32, 64), "mlp_gate"),
+    ("DenseReluDense/wi_1/kernel", (32, 64), "mlp_up"),
+    ("attention/wo/kernel", (32, 32), "attn_out"),
+    ("mlp/wo/kernel", (64, 32), "mlp_down"),
+    ("wo/kernel", (64, 32), "dense"),
+    ("classifier/kernel", (32, 5), "head"),
+    ("classifier/0/kernel", (32, 32), "dense"),                   # a hidden layer of a Sequential head
+    ("model/shared/embedding", (100, 32), "embedding"),
+    ("model/decoder/embed_tokens/embedding", (100, 32), "embedding"),
+    ("projection/kernel", (32, 32), "dense"),
+    ("visual_projection/kernel", (32, 32), "dense"),
+    ("cls/predictions/bias", (100,), "bias"),
+])
+def test_near_misses_of_the_hugging_face_names_keep_their_type(path, shape, ltype):
+  assert slimoptax.layer_type(path, shape) == ltype
+
+
+def test_hugging_face_names_are_not_generic():
+  params = {"pooler": {"dense": {"kernel": S(32, 32)}},
+            "layer": {"0": {"attention": {"output": {"dense": {"kernel": S(32, 32)}}},
+                            "intermediate": {"dense": {"kernel": S(32, 64)}},
+                            "output": {"dense": {"kernel": S(64, 32)}}}}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", slimoptax.GenericLayerWarning)
+    axes = slimoptax.compression_axes(params, "slimadam")
+  assert axes["pooler"]["dense"]["kernel"] == (1,)
+  assert axes["layer"]["0"]["output"]["dense"]["kernel"] == (1,)
+  with pytest.warns(slimoptax.GenericLayerWarning, match=r"'blocks/0/output/dense/kernel'"):
+    slimoptax.compression_axes({"blocks": {"0": {"output": {"dense": {"kernel": S(64, 32)}}}}}, "slimadam")
+
+
+def test_positional_table_with_leading_size_one_axes():
+  """ViT's (1, N, d) table: the leading size-1 axis is batch-like, neither positions nor embedding."""
+  view, roles = layers_lib.axis_roles("pos_embedding", (1, 17, 32))
+  assert view == (1, 17, 32)
+  assert (roles["token"], roles["fan_in"], roles["embed"], roles["fan_out"], roles["all"]) == (
+      (1,), (1,), (2,), (2,), (0, 1, 2))
+  assert layers_lib.axis_roles("pos_embedding", (1, 32))[1]["token"] == (0,)    # a (positions=1, d) table
+  assert layers_lib.axis_roles("pos_embedding", (16, 32))[1]["embed"] == (1,)
+  assert layers_lib.axis_roles("embedding", (1, 17, 32))[1]["embed"] == (1, 2)  # token tables unchanged
+  params = {"embeddings": {"position_embeddings": S(1, 17, 32)}}
+  assert slimoptax.compression_axes(params, "slimadam")["embeddings"]["position_embeddings"] == (2,)
+  assert slimoptax.compression_axes(params, "adam-mini")["embeddings"]["position_embeddings"] == (0, 1, 2)

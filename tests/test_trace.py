@@ -376,3 +376,83 @@ def test_for_model_reads_einsum_kernels_and_refuses_head_roles_it_cannot_tell():
   mini = slimoptax.preset("adam-mini", layer_types={r"q_einsum/w$": "query", r"attn_vec_einsum/w$": "attn_out"})
   with pytest.raises(ValueError, match=r"'q_einsum/w'.*not in the Flax layout.*'head_dim'"):
     mini.for_model(attend, params, S(B, T, D))
+
+
+# --------------------------------------------------------------------------
+# Rotary embeddings: head_dim cut in two and put back together.
+# --------------------------------------------------------------------------
+
+B, T, D, H, HD = 2, 5, 32, 4, 8
+
+
+def _rope(x, interleaved):
+  """Rotary embedding of ``x`` (B, T, heads, HD): Llama's rotate-half, or GPT-J's rotate-every-two."""
+  angles = jnp.arange(T)[:, None, None] * 10000.0 ** (-jnp.arange(HD // 2) / (HD // 2))
+  if interleaved:  # as GPT-J: x[..., :rotary_dim] rotated, x[..., rotary_dim:] (here empty) passed through
+    x, passed = x[..., :HD], x[..., HD:]
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    rotated = jnp.stack((-x2, x1), axis=-1).reshape(x.shape)
+    angles = jnp.repeat(angles, 2, axis=-1)
+    return jnp.concatenate((x * jnp.cos(angles) + rotated * jnp.sin(angles), passed), axis=-1)
+  rotated = jnp.concatenate((-x[..., HD // 2:], x[..., :HD // 2]), axis=-1)
+  angles = jnp.concatenate((angles, angles), axis=-1)
+  return x * jnp.cos(angles) + rotated * jnp.sin(angles)
+
+
+def _rotary_attention(kv_heads, interleaved):
+  params = {"q_proj": {"kernel": S(D, H * HD)}, "k_proj": {"kernel": S(D, kv_heads * HD)},
+            "v_proj": {"kernel": S(D, kv_heads * HD)}, "o_proj": {"kernel": S(H * HD, D)}}
+
+  def attend(p, x):
+    q = _rope((x @ p["q_proj"]["kernel"]).reshape(B, T, H, HD), interleaved)
+    k = _rope((x @ p["k_proj"]["kernel"]).reshape(B, T, kv_heads, HD), interleaved)
+    v = (x @ p["v_proj"]["kernel"]).reshape(B, T, kv_heads, HD)
+    k, v = jnp.repeat(k, H // kv_heads, axis=2), jnp.repeat(v, H // kv_heads, axis=2)
+    probs = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v).reshape(B, T, H * HD) @ p["o_proj"]["kernel"]
+
+  return params, attend
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate-half", "rotate-every-two"])
+@pytest.mark.parametrize("kv_heads", [H, 2], ids=["mha", "gqa"])
+def test_rotary_query_key_are_not_fused_and_give_their_heads(kv_heads, interleaved):
+  params, attend = _rotary_attention(kv_heads, interleaved)
+  roles = trace.trace_roles(attend, params, S(B, T, D))
+  for name, heads in (("q_proj", H), ("k_proj", kv_heads)):
+    t = roles[name]["kernel"]
+    assert t.roles == ("fan_in", "fan_out"), name        # the rotation is no fused kernel
+    assert not any(u.primitive in ("slice", "split") for u in t.uses)
+    # The rotated block is the head_dim: the rest of the fan_out is the heads.
+    assert [u.roles for u in t.uses if u.primitive != "dot_general"] == [
+        (None, (AxisPiece(heads, None), AxisPiece(HD, "rotary")))]
+  assert trace.compare_with_names(roles) == {}
+  mini = slimoptax.preset("adam-mini", num_heads=H).for_model(attend, params, S(B, T, D))
+  assert mini["q_proj"]["kernel"] == slimoptax.Reshaped((D, H, HD), (0, 2))
+  assert mini["k_proj"]["kernel"] == slimoptax.Reshaped((D, kv_heads, HD), (0, 2))   # GQA: 2 heads of 8
+  assert mini["v_proj"]["kernel"] == (0,) and mini["o_proj"]["kernel"] == (0,)
+  if kv_heads < H:  # by names, num_heads (the query heads) views the key as 4 heads of 4
+    named = slimoptax.compression_axes(params, "adam-mini", num_heads=H)
+    assert named["k_proj"]["kernel"] == slimoptax.Reshaped((D, H, kv_heads * HD // H), (0, 2))
+  slim = slimoptax.preset("slimadam", num_heads=H).for_model(attend, params, S(B, T, D))
+  assert slimoptax.compression_axes(params, "slimadam") == slim
+  assert (slim["q_proj"]["kernel"], slim["k_proj"]["kernel"], slim["v_proj"]["kernel"]) == ((0,), (0,), (1,))
+  with pytest.raises(ValueError, match=r"'[qk]_proj/kernel': its rotary embedding rotates blocks of 8"):
+    slimoptax.preset("adam-mini", num_heads=2).for_model(attend, params, S(B, T, D))
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate-half", "rotate-every-two"])
+def test_rotary_on_a_fused_qkv_kernel_leaves_it_fused(interleaved):
+  params = {"c_attn": {"kernel": S(D, 3 * H * HD)}}
+
+  def attend(p, x):
+    q, k, v = (y.reshape(B, T, H, HD) for y in jnp.split(x @ p["c_attn"]["kernel"], 3, axis=-1))
+    packed = jnp.stack((q, k, v), axis=2)     # q, k, v put back in their own order: still fused
+    q, k = _rope(q, interleaved), _rope(k, interleaved)
+    probs = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v).sum() + packed.sum()
+
+  c_attn = trace.trace_roles(attend, params, S(B, T, D))["c_attn"]["kernel"]
+  assert c_attn.roles == ("fan_in", (AxisPiece(3, "fused"), AxisPiece(H * HD, "fan_out")))
+  with pytest.raises(ValueError, match=r"'c_attn/kernel'.*'attn_qkv' layer, which this preset does not handle"):
+    slimoptax.preset("adam-mini", num_heads=H).for_model(attend, params, S(B, T, D))
