@@ -212,8 +212,31 @@ def _from_blocks(x: jax.Array, last: int) -> jax.Array:
   return x.reshape(x.shape[:-2] + (-1,))[..., :last]
 
 
-def nearest_code(v: jax.Array, book: Any) -> jax.Array:
+@functools.cache
+def _bucket_table(codec: str) -> tuple[np.ndarray, int]:
+  """``(T, k)``: for each value of a float32's top 16 bits, the index of the last code <= the bucket's
+  smallest value, and the most codes any one bucket holds (the corrections `nearest_code` needs)."""
+  book = _codebook(codec).astype(np.float32)
+  top = np.arange(2 ** 16, dtype=np.uint32)
+  # The smallest float32 of each bucket: low bits 0 for a positive top, all ones for a negative one.
+  low = np.where(top >> 15, (top << 16) | 0xFFFF, top << 16).astype(np.uint32).view(np.float32)
+  high = np.where(top >> 15, top << 16, (top << 16) | 0xFFFF).astype(np.uint32).view(np.float32)
+  with np.errstate(invalid="ignore"):
+    table = np.clip(np.searchsorted(book, low, side="right") - 1, 0, book.size - 2)
+    inside = np.searchsorted(book, high, side="right") - np.searchsorted(book, low, side="right")
+  table[np.isneginf(high)] = 0  # the bucket of -inf (and of negative NaNs, whose scale is NaN anyway)
+  finite = np.isfinite(low) & np.isfinite(high)
+  return table.astype(np.uint8 if book.size <= 256 else np.int32), int(inside[finite].max())
+
+
+def nearest_code(v: jax.Array, book: Any, *, codec: str | None = None) -> jax.Array:
   """Index of the nearest value of the sorted ``book`` to each entry of ``v`` (ties: the larger).
+
+  The code below ``v`` is found without a search: a 65,536-entry table indexed by
+  the top 16 bits of ``v``'s float32 gives the last code at or below the
+  smallest float of that bucket, then at most ``k`` comparisons move it past
+  the codes inside the bucket (``k = 1`` for the maps here), so the result is
+  the same as a binary search, in a few elementwise passes.
 
   Example:
     >>> import jax.numpy as jnp
@@ -221,8 +244,17 @@ def nearest_code(v: jax.Array, book: Any) -> jax.Array:
     >>> nearest_code(jnp.array([-5.0, 0.24, 0.25, 0.26, 7.0]), jnp.array([0.0, 0.5, 1.0])).tolist()
     [0, 0, 1, 1, 2]
   """
-  book = jnp.asarray(book, jnp.float32)
-  lo = jnp.clip(jnp.searchsorted(book, v, side="right") - 1, 0, book.shape[0] - 2)
+  v = jnp.asarray(v, jnp.float32)
+  if codec is None:
+    book = jnp.asarray(book, jnp.float32)
+    lo = jnp.clip(jnp.searchsorted(book, v, side="right") - 1, 0, book.shape[0] - 2)
+  else:
+    table, corrections = _bucket_table(codec)
+    book = jnp.asarray(_codebook(codec), jnp.float32)
+    top = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(v, jnp.uint32), jnp.uint32(16))
+    lo = jnp.asarray(table)[top].astype(jnp.int32)
+    for _ in range(corrections):
+      lo = jnp.minimum(lo + (book[lo + 1] <= v).astype(jnp.int32), book.shape[0] - 2)
   up = (book[lo + 1] - v) <= (v - book[lo])
   return (lo + up.astype(lo.dtype)).astype(jnp.uint8)
 
@@ -238,6 +270,31 @@ def _unpack4(packed: jax.Array, last: int) -> jax.Array:
   return pairs.reshape(packed.shape[:-1] + (-1,))[..., :last]
 
 
+def _fmix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 whose every output bit depends on every input bit."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def hash_bits(key: chex.PRNGKey, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform uint32 bits for each entry of ``shape``: a counter-based hash of the entry's index and ``key``.
+
+  Two rounds of MurmurHash3's finalizer over ``index + k0 * golden`` and
+  ``k1``: elementwise integer arithmetic that XLA fuses into the rounding,
+  where `jax.random.bits` (threefry) costs several passes. Good enough for
+  stochastic rounding, which needs noise uniform and independent of the
+  rounded values, not a cryptographic stream; a new key per step (as
+  `quantize_state` splits it) gives new noise.
+  """
+  data = jax.random.key_data(key) if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) else key
+  data = jnp.asarray(data, jnp.uint32).reshape(-1)
+  index = jax.lax.iota(jnp.uint32, max(math.prod(shape), 1))[:math.prod(shape)].reshape(shape)
+  return _fmix32(_fmix32(index + data[0] * jnp.uint32(0x9E3779B9)) ^ data[-1])
+
+
 def stochastic_round_bf16(x: jax.Array, key: chex.PRNGKey) -> jax.Array:
   """``x`` rounded to bfloat16 stochastically: up or down with the probabilities that make it unbiased.
 
@@ -249,8 +306,8 @@ def stochastic_round_bf16(x: jax.Array, key: chex.PRNGKey) -> jax.Array:
     \\mathbb{E}[\\operatorname{round}(x)] = x,
 
   with ``floor`` / ``ceil`` the neighbouring bfloat16 values (toward / away
-  from zero). On the float32 bits: add 16 uniform random bits to the 16 low
-  bits and truncate them. Non-finite values are cast as they are.
+  from zero). On the float32 bits: add 16 uniform random bits (`hash_bits`)
+  to the 16 low bits and truncate them. Non-finite values are cast as they are.
 
   Args:
     x: a floating-point array (computed in float32).
@@ -270,7 +327,7 @@ def stochastic_round_bf16(x: jax.Array, key: chex.PRNGKey) -> jax.Array:
   """
   x32 = jnp.asarray(x, jnp.float32)
   bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
-  noise = jax.random.bits(key, x32.shape, jnp.uint32) >> 16
+  noise = hash_bits(key, x32.shape) >> 16
   rounded = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
   return jnp.where(jnp.isfinite(x32), rounded, x32).astype(jnp.bfloat16)
 
@@ -326,7 +383,7 @@ def quantize(x: jax.Array, codec: str = "int8", *, block_size: int | None = None
   blocks = _to_blocks(x.astype(jnp.float32), block_size)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   safe = jnp.where(absmax > 0, absmax, 1.0)
-  codes = _from_blocks(nearest_code(blocks / safe[..., None], _codebook(codec)), shape[-1])
+  codes = _from_blocks(nearest_code(blocks / safe[..., None], None, codec=codec), shape[-1])
   if _bits(codec) == 4:
     codes = _pack4(codes)
   return QuantizedArray(codes, absmax, shape, dtype, codec, block_size)

@@ -263,7 +263,10 @@ LAYER_PATTERNS: tuple[tuple[str, str], ...] = (
     # Heads.
     (rf"(^|[/.])(lm_head|unembed\w*|logits|classifier|head|output_layer)[/.]{_W}$", "head"),
     (rf"(^|[/.])classifier[/.]1[/.]{_W}$", "head"),  # Sequential(Flatten/Dropout, Dense): HF ResNet
-    # Attention.
+    # Attention: gemma's einsum kernels (their layouts are declared by the presets), then Dense names.
+    (rf"(^|[/.])q_einsum[/.]{_W}$", "query"),
+    (rf"(^|[/.])q?kv_einsum[/.]{_W}$", "attn_qkv"),
+    (rf"(^|[/.])attn_vec_einsum[/.]{_W}$", "attn_out"),
     (rf"(^|[/.])(c_attn|qkv|qkv_proj|in_proj|wqkv|query_key_value)[/.]{_W}$", "attn_qkv"),
     (rf"(^|[/.])(query|q_proj|wq|to_q|q_lin|q)[/.]{_W}$", "query"),
     (rf"(^|[/.])(key|k_proj|wk|to_k|k_lin|k)[/.]{_W}$", "key"),

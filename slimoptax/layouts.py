@@ -22,7 +22,12 @@ rules (SlimAdam, Sophia, Muon's matrix views, the memory report, `Rules.table`):
 
 A `Layout` is the resolved declaration of one leaf; `Declarations` maps path
 patterns to them and lives on a `slimoptax.Rules` (``preset(...,
-num_kv_heads=, stacked=, torch_layout=, einsum=, fused=)``).
+num_kv_heads=, stacked=, torch_layout=, einsum=, fused=)``). Presets also
+declare, after the user's own, the layouts that known names imply
+(`PRESET_LAYOUTS`): gemma's ``q_einsum`` / ``kv_einsum`` / ``qkv_einsum`` /
+``attn_vec_einsum`` equations and fused parts, and ``nn.ConvLocal``'s
+output-position axes. `slimoptax.Rules.for_model` checks declared layouts
+against the computation.
 
 Reference: Kalra et al., "When Can You Get Away with Low Memory Adam?" (2025),
 Table 3 (the roles SlimAdam averages over); Zhang et al., Adam-mini (2024)
@@ -321,6 +326,8 @@ class Declarations(NamedTuple):
       return next((v for p, v in items if re.search(p, path, flags=re.IGNORECASE)), None)
 
     stacked = first(self.stacked) or ()
+    if stacked == "leading":  # every axis but the last two: nn.ConvLocal's output positions
+      stacked = tuple(range(max(ndim - 2, 0)))
     for a in stacked:
       if not -ndim <= a < ndim:
         raise ValueError(f"stacked axis {a} of {path!r} is out of range for its {ndim} axes")
@@ -343,7 +350,8 @@ def declarations(*, num_kv_heads: int | None = None, stacked: Any = None, torch_
   Args:
     num_kv_heads: key/value heads of grouped-query attention.
     stacked: the stacked-layer axis of matching parameters: a pattern or list
-      of patterns (axis 0), or ``{pattern: axis or axes}``.
+      of patterns (axis 0), or ``{pattern: axis or axes}``; ``"leading"`` for
+      every axis but the last two (``nn.ConvLocal``'s output positions).
     torch_layout: ``True`` (every kernel), a pattern or list of patterns:
       kernels stored ``(fan_out, fan_in)`` (``nn.Linear``, ``FlaxConv1D``).
     einsum: ``{pattern: "BTD,NDH->BTNH"}``.
@@ -357,9 +365,12 @@ def declarations(*, num_kv_heads: int | None = None, stacked: Any = None, torch_
     raise ValueError(f"num_kv_heads: expected a positive int, got {num_kv_heads!r}")
   stacked_items = []
   for pattern, axes in _patterns(stacked, "stacked", (0,)):
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
-      raise ValueError(f"stacked[{pattern!r}]: expected an int axis or a tuple of them, got {axes!r}")
+    if axes == "leading":
+      stacked_items.append((pattern, axes))
+      continue
+    axes = (axes,) if isinstance(axes, int) else tuple(axes) if isinstance(axes, (tuple, list)) else axes
+    if not isinstance(axes, tuple) or not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+      raise ValueError(f"stacked[{pattern!r}]: expected an int axis, a tuple of them or 'leading', got {axes!r}")
     stacked_items.append((pattern, axes))
   einsum_items = []
   for pattern, eq in _patterns(einsum or {}, "einsum", None):
@@ -372,9 +383,20 @@ def declarations(*, num_kv_heads: int | None = None, stacked: Any = None, torch_
                       tuple(fused_items))
 
 
+# The layouts that known names imply, declared by every preset after the user's own: gemma's einsum kernels
+# (DeepMind's gemma and Flax's NNX gemma example), and nn.ConvLocal's unshared per-position filters.
+_GEMMA = r"(^|[/.]){}[/.](kernel|w)$"
+PRESET_LAYOUTS = declarations(
+    einsum={_GEMMA.format("q_einsum"): "BTD,NDH->BTNH", _GEMMA.format("kv_einsum"): "BTD,CKDH->CBTKH",
+            _GEMMA.format("qkv_einsum"): "BTD,SNDH->SBTNH", _GEMMA.format("attn_vec_einsum"): "BTNH,NHD->BTD"},
+    fused={_GEMMA.format("kv_einsum"): ("key", "value"), _GEMMA.format("qkv_einsum"): ("query", "key", "value")},
+    stacked={r"(^|[/.])ConvLocal(_\d+)?[/.]kernel$": "leading"})
+
+
 def to_json(decl: Declarations) -> dict[str, Any]:
   """The JSON form of `Declarations` (read back by `from_json`)."""
-  return {"num_kv_heads": decl.num_kv_heads, "stacked": {p: list(a) for p, a in decl.stacked},
+  return {"num_kv_heads": decl.num_kv_heads,
+          "stacked": {p: a if isinstance(a, str) else list(a) for p, a in decl.stacked},
           "torch_layout": list(decl.torch), "einsum": dict(decl.einsum),
           "fused": {p: {"parts": list(f.parts), "axis": f.axis, "heads": f.heads} for p, f in decl.fused}}
 
@@ -392,7 +414,7 @@ def from_json(data: Mapping[str, Any]) -> Declarations:
       raise ValueError(f"rules JSON: layouts.fused[{p!r}] needs 'parts', got {f!r}")
     fused[p] = Fused(tuple(f["parts"]), f.get("axis"), f.get("heads"))
   return declarations(num_kv_heads=data.get("num_kv_heads"),
-                      stacked={p: tuple(a) for p, a in (data.get("stacked") or {}).items()},
+                      stacked={p: a if isinstance(a, str) else tuple(a) for p, a in (data.get("stacked") or {}).items()},
                       torch_layout=list(data.get("torch_layout") or ()), einsum=data.get("einsum"),
                       fused=fused)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 
+from slimoptax import layouts
 from slimoptax._tree import path_str, shape_of
 from slimoptax.layers import LAYER_PATTERNS, LAYER_TYPES
 from slimoptax.rules import UNSUPPORTED, Rule, Rules, SemanticAxis
@@ -171,7 +172,9 @@ def preset(
     fused: ``{pattern: parts}``: fused kernels split into parts, each with its
       layer type's axes, e.g. ``{r"c_attn/kernel$": ("query", "key", "value")}``
       or a `slimoptax.layouts.Fused` (axis, per-head interleaving).
-      See `slimoptax.layouts` for all five.
+      See `slimoptax.layouts` for all five. Known names imply their layouts
+      after these (`slimoptax.layouts.PRESET_LAYOUTS`): gemma's ``q_einsum``,
+      ``kv_einsum``, ``qkv_einsum``, ``attn_vec_einsum`` and ``nn.ConvLocal``.
 
   Returns:
     A `Rules` object.
@@ -210,8 +213,10 @@ def preset(
     rules.append(Rule(r"^", "dense", uniform.pop(), warn_unused=False, min_ndim=2))
   # A generic "dense" match is a guess when another matrix type would get other axes.
   role_dependent = any(table[t] != table["dense"] for t in LAYER_TYPES if t not in _VECTOR_TYPES)
+  user = layouts.declarations(num_kv_heads=num_kv_heads, stacked=stacked, torch_layout=torch_layout,
+                              einsum=einsum, fused=fused)
   return Rules(rules, name=key, num_heads=num_heads, role_dependent=role_dependent, strict=strict,
-               num_kv_heads=num_kv_heads, stacked=stacked, torch_layout=torch_layout, einsum=einsum, fused=fused)
+               layouts=user.merge(layouts.PRESET_LAYOUTS))
 
 
 

@@ -252,7 +252,8 @@ class Rules:
 
   def _check_generic(self, matched: list[tuple[str, tuple[int, ...], Rule]], *, warn: bool) -> None:
     """One `GenericLayerWarning` (``strict``: a ValueError) listing the leaves only the generic pattern matched."""
-    generic = [(path, shape) for path, shape, rule in matched if self.is_generic(rule)]
+    generic = [(path, shape) for path, shape, rule in matched
+               if self.is_generic(rule) and self.layouts.layout(path, len(shape), None).fused is None]
     if not generic or not (warn or self.strict):
       return
     listed = ", ".join(f"{p!r} {s}" for p, s in generic[:6]) + (" ..." if len(generic) > 6 else "")

@@ -373,9 +373,18 @@ def test_for_model_reads_einsum_kernels_and_refuses_head_roles_it_cannot_tell():
   axes = rules.for_model(attend, params, S(B, T, D))
   assert axes["q_einsum"]["w"] == (1,)            # query: fan_in, the contracted D
   assert axes["attn_vec_einsum"]["w"] == (2,)     # attn_out: fan_out, the kept D
-  mini = slimoptax.preset("adam-mini", layer_types={r"q_einsum/w$": "query", r"attn_vec_einsum/w$": "attn_out"})
-  with pytest.raises(ValueError, match=r"'q_einsum/w'.*not in the Flax layout.*'head_dim'"):
-    mini.for_model(attend, params, S(B, T, D))
+  # gemma's names imply their einsum layouts (slimoptax.layouts.PRESET_LAYOUTS): heads read, checked by the trace.
+  mini = slimoptax.preset("adam-mini")
+  axes = mini.for_model(attend, params, S(B, T, D))
+  assert axes["q_einsum"]["w"] == (1, 2)          # one value per head: D and H averaged
+  assert axes["attn_vec_einsum"]["w"] == (0, 1)   # one value per output neuron
+  assert slimoptax.compression_axes(params, mini) == axes
+  # Under other names, a head role the trace cannot tell is refused.
+  renamed = {"proj_q": params["q_einsum"], "proj_o": params["attn_vec_einsum"]}
+  attend2 = lambda p, x: attend({"q_einsum": p["proj_q"], "attn_vec_einsum": p["proj_o"]}, x)  # noqa: E731
+  mini = slimoptax.preset("adam-mini", layer_types={r"proj_q/w$": "query", r"proj_o/w$": "attn_out"})
+  with pytest.raises(ValueError, match=r"'proj_q/w'.*not in the Flax layout.*'head_dim'"):
+    mini.for_model(attend2, renamed, S(B, T, D))
 
 
 # --------------------------------------------------------------------------
@@ -456,3 +465,27 @@ def test_rotary_on_a_fused_qkv_kernel_leaves_it_fused(interleaved):
   assert c_attn.roles == ("fan_in", (AxisPiece(3, "fused"), AxisPiece(H * HD, "fan_out")))
   with pytest.raises(ValueError, match=r"'c_attn/kernel'.*'attn_qkv' layer, which this preset does not handle"):
     slimoptax.preset("adam-mini", num_heads=H).for_model(attend, params, S(B, T, D))
+
+
+def test_for_model_reads_conv_local_output_positions():
+  """flax.linen.ConvLocal: one unshared filter per output pixel, kernel (*out_spatial, window * in, out)."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.ConvLocal(4, (3, 3), name="conv_init")(x)   # named as an nn.Conv would be
+      x = nn.ConvLocal(4, (3, 3))(x)
+      return nn.Dense(5, name="head")(x.mean((1, 2)))
+
+  net, x = Net(), S(2, 8, 8, 3)
+  params = jax.eval_shape(net.init, jax.random.key(0), x)["params"]
+  fn = lambda p, x: net.apply({"params": p}, x)  # noqa: E731
+  assert slimoptax.trace_roles(fn, params, x)["conv_init"]["kernel"].roles == ("batch", "batch", "fan_in", "fan_out")
+  for name in ("slimadam", "adam-mini"):   # both average the fan_in only: one value per position and channel
+    rules = slimoptax.preset(name)
+    axes = rules.for_model(fn, params, x)
+    assert axes["conv_init"]["kernel"] == axes["ConvLocal_0"]["kernel"] == (2,)
+    by_names = slimoptax.compression_axes(params, rules)
+    assert by_names["ConvLocal_0"]["kernel"] == (2,)            # recognized by its name
+    assert by_names["conv_init"]["kernel"] == (0, 1, 2)         # a name cannot tell it from an nn.Conv
