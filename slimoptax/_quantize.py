@@ -380,6 +380,8 @@ def quantize(x: jax.Array, codec: str = "int8", *, block_size: int | None = None
       raise ValueError("codec 'bf16' rounds stochastically: pass `key=`")
     return QuantizedArray(stochastic_round_bf16(x, key), None, shape, dtype, codec, 0)
   block_size = _tree.static_int("block_size", block_size, 2) or DEFAULT_BLOCK_SIZE[_bits(codec)]
+  # A last axis shorter than a block is one block: the same scales as a zero-padded block, without the padding.
+  block_size = min(block_size, shape[-1]) if shape[-1] else block_size
   blocks = _to_blocks(x.astype(jnp.float32), block_size)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   safe = jnp.where(absmax > 0, absmax, 1.0)

@@ -703,3 +703,22 @@ def test_bad_inputs_name_the_path_or_the_state():
     slimoptax.quantize(jnp.ones(4, jnp.int32), "int8")
   with pytest.raises(ValueError, match="pass `key=`"):
     slimoptax.quantize(jnp.ones(4), "bf16")
+
+
+@pytest.mark.parametrize("codec", ["int8", "uint8", "int4", "uint4"])
+def test_bucket_table_gives_the_binary_search_index(codec):
+  """The 16-bit bucket table of `nearest_code` against a binary search, at every code, midpoint and neighbour."""
+  from slimoptax._quantize import _codebook, nearest_code
+  book = _codebook(codec)
+  mid = (book[1:] + book[:-1]) / 2
+  rng = np.random.default_rng(0)
+  v = np.concatenate([book, mid, np.nextafter(mid, 2), np.nextafter(mid, -2), rng.uniform(-1, 1, 100_000),
+                      rng.normal(0, 1e-3, 100_000), rng.normal(0, 1e-6, 10_000),
+                      [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, np.inf, -np.inf]]).astype(np.float32)
+  search = np.asarray(nearest_code(jnp.asarray(v), book))          # jnp.searchsorted
+  table = np.asarray(nearest_code(jnp.asarray(v), None, codec=codec))
+  np.testing.assert_array_equal(table, search)
+  # And both are the nearest code (ties: the larger), in float64.
+  d = np.abs(book.astype(np.float64)[None, :] - np.clip(v[:-2], -1, 1).astype(np.float64)[:, None])
+  best = np.where(d == d.min(axis=1, keepdims=True), np.arange(book.size), -1).max(axis=1)
+  assert (best == table[:-2]).mean() > 0.999   # float32 rounding of the midpoint comparison aside
