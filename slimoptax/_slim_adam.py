@@ -65,11 +65,13 @@ class ScaleBySlimAdamState(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-def resolve_axes(tree: Any, compress: Compress, num_heads: int | None, *,
-                 warn: bool) -> list[layers.Axes | layers.Reshaped]:
-  """The compression axes of each leaf of ``tree``, in leaf order."""
+def resolve_axes(tree: Any, compress: Compress, num_heads: int | None, *, warn: bool,
+                 num_kv_heads: int | None = None, torch_layout: Any = None) -> list[Any]:
+  """The compression axes of each leaf of ``tree``, in leaf order (model-wide layout keywords for rules)."""
+  declarations = {k: v for k, v in (("num_kv_heads", num_kv_heads), ("torch_layout", torch_layout))
+                  if v is not None}
   return [a for _, _, a in rules_lib.resolve_tree(
-      tree, compress, what="compress", num_heads=num_heads, warn=warn)]
+      tree, compress, what="compress", num_heads=num_heads, warn=warn, declarations=declarations)]
 
 
 def reduced_shapes(tree: Any, axes: list[Any]) -> list[tuple[int, ...]]:
@@ -200,6 +202,8 @@ def scale_by_slim_adam(
     nu_dtype: Any = None,
     nesterov: bool = False,
     num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    torch_layout: Any = None,
 ) -> optax.GradientTransformation:
   """Rescales updates by Adam with second moments averaged over axes ``K``.
 
@@ -225,6 +229,10 @@ def scale_by_slim_adam(
     nesterov: use Nesterov momentum, as in `optax.scale_by_adam`.
     num_heads: attention head count for presets that need it on 2-D
       ``(d, H*hd)`` attention kernels (``"adam-mini"``).
+    num_kv_heads, torch_layout: model-wide layout declarations for a preset
+      or rules (grouped-query key/value heads; ``True`` or pattern(s) of
+      kernels stored ``(fan_out, fan_in)``), as `slimoptax.preset` takes them;
+      the others (``stacked``, ``einsum``, ``fused``) go to `slimoptax.preset`.
 
   Returns:
     A `optax.GradientTransformation` with state `ScaleBySlimAdamState`.
@@ -271,12 +279,14 @@ def scale_by_slim_adam(
     <https://arxiv.org/abs/2503.01843>`_, 2025 (eq. 2, Table 3).
   """
   check_adam_hyperparams(b1, b2, eps, num_heads)
+  _tree.static_int("num_kv_heads", num_kv_heads, 1)
+  layout = dict(num_kv_heads=num_kv_heads, torch_layout=torch_layout)
   mu_dtype = _tree.float_dtype("mu_dtype", mu_dtype)
   nu_dtype = _tree.float_dtype("nu_dtype", nu_dtype)
 
   def init_fn(params):
     _tree.check_float_params(params)
-    axes = resolve_axes(params, compress, num_heads, warn=True)
+    axes = resolve_axes(params, compress, num_heads, warn=True, **layout)
     return ScaleBySlimAdamState(
         count=jnp.zeros([], jnp.int32),
         mu=_tree.zeros_like_tree(params, mu_dtype),
@@ -286,7 +296,7 @@ def scale_by_slim_adam(
   def update_fn(updates, state, params=None):
     del params
     _tree.check_state(state, ScaleBySlimAdamState, who="scale_by_slim_adam")
-    axes = resolve_axes(updates, compress, num_heads, warn=False)
+    axes = resolve_axes(updates, compress, num_heads, warn=False, **layout)
     _tree.state_leaves(updates, state.mu, name="first moment")
     nu_prev = _tree.state_leaves(updates, state.nu, name="second moment",
                                  shapes=reduced_shapes(updates, axes),
@@ -345,6 +355,8 @@ def slim_adamw(
     nu_dtype: Any = None,
     nesterov: bool = False,
     num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    torch_layout: Any = None,
 ) -> optax.GradientTransformation:
   """SlimAdam with decoupled weight decay: a drop-in for `optax.adamw`.
 
@@ -370,6 +382,7 @@ def slim_adamw(
     nu_dtype: second-moment dtype.
     nesterov: Nesterov momentum.
     num_heads: attention head count for head-wise presets on 2-D kernels.
+    num_kv_heads, torch_layout: layout declarations, see `scale_by_slim_adam`.
 
   Returns:
     A `optax.GradientTransformation`.
@@ -392,7 +405,8 @@ def slim_adamw(
   return _tree.checked_chain(
       "slim_adamw",
       scale_by_slim_adam(b1, b2, eps, compress=compress, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                         nesterov=nesterov, num_heads=num_heads),
+                         nesterov=nesterov, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         torch_layout=torch_layout),
       optax.add_decayed_weights(weight_decay, default_weight_decay_mask if mask is None else mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -288,6 +288,8 @@ def scale_by_hutchinson(
     mu_dtype: Any = None,
     h_dtype: Any = None,
     num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    torch_layout: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia's clipped diagonal-Newton direction.
 
@@ -354,6 +356,7 @@ def scale_by_hutchinson(
     mu_dtype: momentum dtype (default: the parameters').
     h_dtype: dtype of ``h`` (default: the parameters').
     num_heads: attention head count for presets that need it.
+    num_kv_heads, torch_layout: layout declarations, see `slimoptax.scale_by_slim_adam`.
 
   Returns:
     A `optax.GradientTransformationExtraArgs` with state
@@ -385,7 +388,7 @@ def scale_by_hutchinson(
                                  ("update_every", update_every, 1, None)):
     _tree.check_range(name, value, low, high, low_open=name in ("eps", "clip_threshold"))
   for name, value in (("num_samples", num_samples), ("gnb_batch_size", gnb_batch_size),
-                      ("num_heads", num_heads)):
+                      ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
     _tree.static_int(name, value, 1)
   try:
     concrete_every = int(update_every)
@@ -397,6 +400,7 @@ def scale_by_hutchinson(
     update_every = concrete_every
   mu_dtype = _tree.float_dtype("mu_dtype", mu_dtype)
   h_dtype = _tree.float_dtype("h_dtype", h_dtype)
+  layout = dict(num_kv_heads=num_kv_heads, torch_layout=torch_layout)
 
   def estimate(params, key, extra_args):
     if callable(estimator):
@@ -418,7 +422,7 @@ def scale_by_hutchinson(
 
   def init_fn(params):
     _tree.check_float_params(params)
-    axes = slim_adam.resolve_axes(params, compress, num_heads, warn=True)
+    axes = slim_adam.resolve_axes(params, compress, num_heads, warn=True, **layout)
     # An integer scalar (also an array: optax.inject_hyperparams) is a seed, else a key.
     is_seed = isinstance(seed, (int, np.integer)) or (
         jnp.ndim(seed) == 0 and jnp.issubdtype(jnp.result_type(seed), jnp.integer))
@@ -435,7 +439,7 @@ def scale_by_hutchinson(
     if params is None:
       raise ValueError("scale_by_hutchinson needs params: update(updates, state, params, ...)")
     _tree.check_state(state, ScaleByHutchinsonState, who="scale_by_hutchinson")
-    axes = slim_adam.resolve_axes(updates, compress, num_heads, warn=False)
+    axes = slim_adam.resolve_axes(updates, compress, num_heads, warn=False, **layout)
     treedef = jax.tree_util.tree_structure(updates)
     # Checked before anything is estimated (path-named errors).
     _tree.state_leaves(updates, state.mu, name="momentum")
@@ -505,6 +509,8 @@ def sophia(
     mu_dtype: Any = None,
     h_dtype: Any = None,
     num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    torch_layout: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia with decoupled weight decay (Sophia-H by default, Sophia-G with ``estimator="gnb"``).
 
@@ -548,6 +554,7 @@ def sophia(
     mu_dtype: momentum dtype.
     h_dtype: curvature EMA dtype.
     num_heads: head count for presets that need it.
+    num_kv_heads, torch_layout: layout declarations, see `slimoptax.scale_by_slim_adam`.
 
   Returns:
     A `optax.GradientTransformationExtraArgs`.
@@ -586,7 +593,7 @@ def sophia(
           clip_threshold=clip_threshold, compress=compress, seed=seed, num_samples=num_samples,
           distribution=distribution, gnb_batch_size=gnb_batch_size,
           bias_correction=bias_correction, fresh_estimate=fresh_estimate, mu_dtype=mu_dtype,
-          h_dtype=h_dtype, num_heads=num_heads),
+          h_dtype=h_dtype, num_heads=num_heads, num_kv_heads=num_kv_heads, torch_layout=torch_layout),
       optax.add_decayed_weights(
           weight_decay,
           slim_adam.default_weight_decay_mask if weight_decay_mask is None else weight_decay_mask),

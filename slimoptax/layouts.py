@@ -245,7 +245,9 @@ def fused_view(shape: Sequence[int], fused: Fused, layout: Layout, *,
   elif size % n == 0:
     split, part_axis = (n, size // n), axis
   else:
-    raise ValueError(f"fused parameter {path!r} {shape}: axis {axis} ({size}) does not split into {n} parts")
+    hint = "" if layout.torch else (" (a kernel stored (fan_out, fan_in), as Hugging Face's FlaxConv1D, needs "
+                                    "torch_layout=, for the model's other such kernels too)")
+    raise ValueError(f"fused parameter {path!r} {shape}: axis {axis} ({size}) does not split into {n} parts{hint}")
   view = shape[:axis] + split + shape[axis + 1:]
   part_shape = view[:part_axis] + view[part_axis + 1:]
   # Stored axis of each part axis, to renumber the stacked ones.

@@ -360,7 +360,8 @@ def rule_axes(rule: Rule, path: str, shape: tuple[int, ...],
     raise ValueError(
         f"parameter {path!r} (shape {shape}) is a {rule.label!r} layer, which this preset does "
         "not handle; declare its parts (preset(..., fused={" + repr(exact_pattern(path)) +
-        ": ('query', 'key', 'value')})) or add a rule with explicit axes for it")
+        ": ('query', 'key', 'value')}), with torch_layout=True if the model's kernels are stored "
+        "(fan_out, fan_in) as Hugging Face's FlaxConv1D) or add a rule with explicit axes for it")
   axes = rule.axes
   if not any(isinstance(a, str) for a in axes):
     out = []

@@ -292,3 +292,21 @@ def test_bad_layouts_name_the_parameter():
     slimoptax.compression_axes({"c_attn": {"kernel": jnp.zeros((D, 3 * D))}}, "slimadam")
   with pytest.raises(ValueError, match="layout declarations.*apply to rules and presets"):
     slimoptax.compression_axes(params, {"blocks": {"mlp": {"up": {"kernel": (1,)}}}}, num_kv_heads=2)
+
+
+def test_model_wide_declarations_as_transform_keywords():
+  """num_kv_heads= and torch_layout= where num_heads= is taken: the same as declaring them on the preset."""
+  params = {"attn": {"k_proj": {"kernel": jnp.zeros((2 * HD, D))}, "q_proj": {"kernel": jnp.zeros((4 * HD, D))}},
+            "mlp": {"up_proj": {"kernel": jnp.zeros((F, D))}}}   # nn.Linear weights: (fan_out, fan_in)
+  grads = _grads(params, 3)
+  declared = slimoptax.preset("adam-mini", num_heads=4, num_kv_heads=2, torch_layout=True)
+  ref = _updates(slimoptax.slim_adamw(1e-2, compress=declared), params, grads)
+  got = _updates(slimoptax.slim_adamw(1e-2, compress="adam-mini", num_heads=4, num_kv_heads=2, torch_layout=True),
+                 params, grads)
+  for r, g in zip(ref, got):
+    jax.tree.map(_close, r, g)
+  state = slimoptax.scale_by_hutchinson(compress="adam-mini", num_heads=4, num_kv_heads=2, torch_layout=True,
+                                        estimator=lambda p, key: p).init(params)
+  assert state.h["attn"]["k_proj"]["kernel"].shape == (2, 1, 1)   # one value per KV head: (H, hd, d) view
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    slimoptax.scale_by_slim_adam(compress="adam-mini", num_kv_heads=0)
