@@ -263,6 +263,37 @@ def fused_view(shape: Sequence[int], fused: Fused, layout: Layout, *,
   return view, part_axis, part_shape, layout._replace(stacked=stacked, einsum=einsum, fused=None)
 
 
+def check_kv_heads(matched: Sequence[tuple[str, tuple[int, ...], Any]], rules: Any) -> None:
+  """Refuses 2-D key/value kernels that a query head count would view wrongly (grouped-query attention).
+
+  With ``num_heads`` and no ``num_kv_heads``, a key or value kernel whose
+  fan_out differs from its sibling query's would be cut into ``num_heads``
+  wrong heads; the error names it and the ``num_kv_heads`` that fits.
+  """
+  if rules.num_heads is None or rules.layouts.num_kv_heads is not None:
+    return
+  sizes = {}
+  for path, shape, rule in matched:
+    if rule.label not in ("query", "key", "value") or isinstance(rule.axes, str) or not any(
+        a in ("heads", "head_dim") for a in rule.axes):
+      continue
+    layout = rules.layout(path, shape)
+    if len(shape) - len(layout.stacked) != 2 or layout.fused is not None:
+      continue
+    _, roles = layout_roles("dense", shape, layout._replace(num_heads=None), path=path)
+    parent = "/".join(re.split(r"[/.]", path)[:-2])
+    sizes[(parent, rule.label)] = (path, shape[roles["fan_out"][0]])
+  for (parent, label), (path, size) in sizes.items():
+    query = sizes.get((parent, "query"))
+    if label != "query" and query is not None and query[1] != size and query[1] % rules.num_heads == 0:
+      head_dim = query[1] // rules.num_heads
+      fits = f"num_kv_heads={size // head_dim}" if size % head_dim == 0 else "num_kv_heads="
+      raise ValueError(
+          f"{path!r}: {size} output features where the query {query[0]!r} has {query[1]} "
+          f"({rules.num_heads} heads of {head_dim}): grouped-query attention needs its key/value head "
+          f"count declared ({fits}), or the {label} would be cut into {rules.num_heads} wrong heads")
+
+
 # --------------------------------------------------------------------------
 # Declarations: path patterns -> layouts.
 # --------------------------------------------------------------------------

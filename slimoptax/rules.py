@@ -270,8 +270,10 @@ class Rules:
   def resolve(self, params: Any, *, warn: bool = True,
               generic: bool = True) -> list[tuple[str, tuple[int, ...], Rule, Axes | Reshaped]]:
     """Resolves every leaf: ``[(path, shape, rule, axes_or_reshaped), ...]`` (see `rule_axes`)."""
+    matched = self.match_all(params, warn=warn, generic=generic)
+    layouts_lib.check_kv_heads(matched, self)
     return [(path, shape, rule, rule_axes(rule, path, shape, self.layout(path, shape)))
-            for path, shape, rule in self.match_all(params, warn=warn, generic=generic)]
+            for path, shape, rule in matched]
 
   def labels(self, params: Any) -> Any:
     """A pytree like ``params`` of label strings (``param_labels`` for `optax.partition`)."""
@@ -529,8 +531,9 @@ def resolve_tree(
         raise ValueError(f"{what}: {err}{extra}") from None
     if _is_rules_like(spec, params):
       rules = as_rules(spec, num_heads=num_heads, **dict(declarations or {}))
-      return [(p, s, from_rule(rule, p, s, rules.layout(p, s))) for p, s, rule in rules.match_all(
-          params, warn=warn)]
+      matched = rules.match_all(params, warn=warn)
+      layouts_lib.check_kv_heads(matched, rules)
+      return [(p, s, from_rule(rule, p, s, rules.layout(p, s))) for p, s, rule in matched]
     if callable(spec):
       spec = spec(params)
       continue

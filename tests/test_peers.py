@@ -198,9 +198,10 @@ def test_gqa_adam_mini_by_names_with_num_kv_heads(gqa):
   params, _, kv_heads = gqa
   rules = slimoptax.preset("adam-mini", num_heads=H, num_kv_heads=kv_heads)
   assert_axes(params, resolve(rules, params), _llama_table(kv_heads), "adam-mini")
-  # Without the declaration the key's (d, 2*8) is viewed as num_heads=4 heads of 4.
-  wrong = resolve(slimoptax.preset("adam-mini", num_heads=H), params)
-  assert wrong["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"] == Reshaped((32, H, 4), (0, 2))
+  # Without the declaration the key's (d, 2*8) would be viewed as num_heads=4 heads of 4: refused, naming the fix.
+  with pytest.raises(ValueError, match=r"'model/layers/0/self_attn/k_proj/kernel': 16 output features where the "
+                                       r"query .* has 32 \(4 heads of 8\).*num_kv_heads=2"):
+    resolve(slimoptax.preset("adam-mini", num_heads=H), params)
 
 
 def test_adam_mini_for_model_reads_the_heads_of_rotary_query_key(llama, gqa):

@@ -440,9 +440,11 @@ def test_rotary_query_key_are_not_fused_and_give_their_heads(kv_heads, interleav
   assert mini["q_proj"]["kernel"] == slimoptax.Reshaped((D, H, HD), (0, 2))
   assert mini["k_proj"]["kernel"] == slimoptax.Reshaped((D, kv_heads, HD), (0, 2))   # GQA: 2 heads of 8
   assert mini["v_proj"]["kernel"] == (0,) and mini["o_proj"]["kernel"] == (0,)
-  if kv_heads < H:  # by names, num_heads (the query heads) views the key as 4 heads of 4
-    named = slimoptax.compression_axes(params, "adam-mini", num_heads=H)
-    assert named["k_proj"]["kernel"] == slimoptax.Reshaped((D, H, kv_heads * HD // H), (0, 2))
+  if kv_heads < H:  # by names, num_heads (the query heads) would view the key as 4 heads of 4: refused
+    with pytest.raises(ValueError, match=rf"'k_proj/kernel'.*num_kv_heads={kv_heads}"):
+      slimoptax.compression_axes(params, "adam-mini", num_heads=H)
+    named = slimoptax.compression_axes(params, "adam-mini", num_heads=H, num_kv_heads=kv_heads)
+    assert named["k_proj"]["kernel"] == mini["k_proj"]["kernel"]
   slim = slimoptax.preset("slimadam", num_heads=H).for_model(attend, params, S(B, T, D))
   assert slimoptax.compression_axes(params, "slimadam") == slim
   assert (slim["q_proj"]["kernel"], slim["k_proj"]["kernel"], slim["v_proj"]["kernel"]) == ((0,), (0,), (1,))
