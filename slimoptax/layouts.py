@@ -263,6 +263,22 @@ def fused_view(shape: Sequence[int], fused: Fused, layout: Layout, *,
   return view, part_axis, part_shape, layout._replace(stacked=stacked, einsum=einsum, fused=None)
 
 
+# The most axes a layer type has in its Flax layout, one layer per tensor; more is a stacked layer axis
+# (nn.scan, nnx.scan / nnx.vmap) that names cannot tell.
+_MAX_RANK = {"embedding": 2, "pos_embedding": 3, "head": 2, "query": 3, "key": 3, "value": 3, "attn_out": 3,
+             "mlp_up": 2, "mlp_gate": 2, "mlp_down": 2, "norm": 1}
+
+
+def check_rank(layer_type: str, path: str, shape: tuple[int, ...], layout: Layout) -> None:
+  """Refuses a parameter with more axes than its layer type has (a stacked axis no declaration names)."""
+  rank = len(shape) - len(layout.stacked)
+  if layout.einsum is None and rank > _MAX_RANK.get(layer_type, rank):
+    raise ValueError(
+        f"parameter {path!r} {tuple(shape)} has {rank} axes, a {layer_type!r} layer at most "
+        f"{_MAX_RANK[layer_type]}: a stacked layer axis (nn.scan, nnx.scan / vmap)? Declare it "
+        f"(preset(..., stacked={{<pattern of the stack>: 0}})) or read it from the model (Rules.for_model)")
+
+
 def check_kv_heads(matched: Sequence[tuple[str, tuple[int, ...], Any]], rules: Any) -> None:
   """Refuses 2-D key/value kernels that a query head count would view wrongly (grouped-query attention).
 

@@ -385,6 +385,7 @@ def rule_axes(rule: Rule, path: str, shape: tuple[int, ...],
   if ndim - len(layout.stacked) < 2 and rule.label not in ("norm", "bias", "scalar") and not set(axes) <= {"all"}:
     # Vector-like parameters only know "all".
     raise ValueError(f"parameter {path!r} with shape {shape} has no axis roles {axes}")
+  layouts_lib.check_rank(rule.label, path, shape, layout)
   if not any(a in ("heads", "head_dim") for a in axes):
     layout = layout._replace(num_heads=None, num_kv_heads=None)
   view, roles = layouts_lib.layout_roles(rule.label, shape, layout, path=path)

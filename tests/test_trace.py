@@ -358,7 +358,10 @@ def test_for_model_never_averages_the_stacked_axis():
   assert ada["up"]["kernel"] == (1, 2) and ada["ln"]["scale"] == (1,)   # one value per layer
   slim = slimoptax.preset("slimadam").for_model(apply, params, x)["blocks"]
   assert slim["up"]["kernel"] == (2,) and slim["down"]["kernel"] == (2,)  # fan_out, per layer
-  assert slimoptax.compression_axes(params, "adalayer")["blocks"]["up"]["kernel"] == (0, 1, 2)  # names
+  with pytest.raises(ValueError, match=r"'blocks/down/kernel' \(3, 32, 8\) has 3 axes.*stacked"):  # names
+    slimoptax.compression_axes(params, "adalayer")
+  named = slimoptax.compression_axes(params, slimoptax.preset("adalayer", stacked=r"^blocks/"))["blocks"]
+  assert named["up"]["kernel"] == ada["up"]["kernel"] and named["ln"]["scale"] == ada["ln"]["scale"]
 
 
 def test_for_model_reads_einsum_kernels_and_refuses_head_roles_it_cannot_tell():
