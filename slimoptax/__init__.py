@@ -225,3 +225,17 @@ __all__ = (
     "tree_bytes",
     "weight_decay_mask",
 )
+
+# Shampoo and SOAP: Kronecker-factored preconditioners (slimoptax._kronecker).
+from slimoptax._shampoo import ScaleByShampooState  # noqa: E402
+from slimoptax._shampoo import scale_by_shampoo  # noqa: E402
+from slimoptax._shampoo import shampoo  # noqa: E402
+from slimoptax._soap import PreconditionInEigenbasisState  # noqa: E402
+from slimoptax._soap import precondition_in_eigenbasis  # noqa: E402
+from slimoptax._soap import scale_by_soap  # noqa: E402
+from slimoptax._soap import scale_by_soap_adam  # noqa: E402
+from slimoptax._soap import soap  # noqa: E402
+
+__all__ = (*__all__, "PreconditionInEigenbasisState", "ScaleByShampooState",
+           "precondition_in_eigenbasis", "scale_by_shampoo", "scale_by_soap", "scale_by_soap_adam",
+           "shampoo", "soap")

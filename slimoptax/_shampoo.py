@@ -266,10 +266,7 @@ def scale_by_shampoo(
     new_stats, oks = [], []
     for g, st, pl in zip(leaves, stats, ps):
       core = _to_core(g, pl)
-      upd = _batched(lambda c, *s: tuple(kron.update_stats(s, c, beta)), pl)
-      live = [s for s in st if s is not None]
-      new = iter(upd(core, *live)) if live else iter(())
-      cand = tuple(None if s is None else next(new) for s in st)
+      cand = tuple(_batched(lambda c, s: tuple(kron.update_stats(s, c, beta)), pl)(core, tuple(st)))
       ok = jnp.all(jnp.isfinite(g)) & kron.all_finite(cand)
       new_stats.append(tuple(None if s is None else jnp.where(ok, c, s) for s, c in zip(st, cand)))
       oks.append(ok)

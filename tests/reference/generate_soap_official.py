@@ -35,7 +35,7 @@ File contents (``np.load(..., allow_pickle=False)``): ``meta`` a JSON string
 (optimizer, source, commit, sha256 of soap.py, torch and numpy versions, seed,
 steps, the parameters, and per case every SOAP hyperparameter, the dtypes, the
 recorded steps and per parameter the preconditioner layout and eigengap
-diagnostics, see `case_meta`); ``init/<p>`` the initial parameter ``p``
+diagnostics, see `run_case`); ``init/<p>`` the initial parameter ``p``
 (float32); ``grads/<p>`` its gradients ``(STEPS, *shape)`` (float16, exact: cast
 them to the parameter dtype); ``<case>/traj/<p>`` the parameter after every
 step, ``(STEPS, *shape)``, row ``t - 1`` after step ``t``; and the SOAP state
@@ -145,10 +145,10 @@ calls, ``k`` is ``state["step"]``.
 
 Checked when the file was written: a float64 numpy replay of notes 1-13 with Q
 of step 1 taken from the file reproduces ``default_f64`` to 1e-15 and every
-float32 case to 1.0e-6 (all parameters, all steps). Computing that first Q with
-numpy's eigh instead gives the same for every parameter not flagged
-``init_degenerate`` (6e-7 float32, 1e-15 float64) but 2e-3 to 2e-2 for the
-flagged ones (``kernel``; ``bias`` with ``precondition_1d``).
+float32 case to 1.0e-6 (max abs, all parameters, all steps). Computing that
+first Q with numpy's eigh instead agrees as well for every parameter not flagged
+``init_degenerate`` (at most 2.3e-6 in float32, 1e-15 in float64) but differs by
+1e-3 to 2e-2 for the flagged ones (``kernel``; ``bias`` with ``precondition_1d``).
 """
 
 from __future__ import annotations
@@ -239,8 +239,8 @@ def gradients(rng: np.random.Generator) -> dict[str, np.ndarray]:
   """``(STEPS, *shape)`` float16: a fixed mean plus Gaussian noise, times per-row and per-tensor scales."""
   out = {}
   for name, shape in PARAMS:
-    rows = np.exp(rng.normal(0.0, 0.5, size=shape[:1] + (1,) * (len(shape) - 1)))
-    scale = np.exp(rng.normal(0.0, 0.5)) * rows
+    scale = np.exp(rng.normal(0.0, 0.5))  # per tensor, then per row (first axis)
+    scale = scale * np.exp(rng.normal(0.0, 0.5, size=shape[:1] + (1,) * (len(shape) - 1)))
     mean = 0.5 * rng.standard_normal(shape)
     g = (mean + rng.standard_normal((STEPS,) + shape)) * scale
     out[name] = g.astype(np.float16)
