@@ -310,3 +310,14 @@ def test_model_wide_declarations_as_transform_keywords():
   assert state.h["attn"]["k_proj"]["kernel"].shape == (2, 1, 1)   # one value per KV head: (H, hd, d) view
   with pytest.raises(ValueError, match="num_kv_heads"):
     slimoptax.scale_by_slim_adam(compress="adam-mini", num_kv_heads=0)
+
+
+def test_muon_matrix_views_read_the_declarations():
+  """Muon's matrix views through `dims=` rules: GQA key heads, PyTorch layout and stacked axes honoured."""
+  params = {"blocks": {"k_proj": {"kernel": jnp.zeros((L, 2 * HD, D))}, "q_proj": {"kernel": jnp.zeros((L, 4 * HD, D))}}}
+  rules = slimoptax.preset("adam", num_heads=4, num_kv_heads=2, torch_layout=True, stacked=r"^blocks/")
+  dims = slimoptax.matrix_dims(params, rules, per_head=True)
+  # (L, 2*hd, d) stored (fan_out, fan_in): viewed (L, 2, hd, d), rows d (fan_in), columns hd, batch L and heads.
+  assert dims["blocks"]["k_proj"]["kernel"] == slimoptax.ReshapedDims(
+      (L, 2, HD, D), slimoptax.MuonDimensionNumbers(reduction_axis=(3,), output_axis=(2,)))
+  assert dims["blocks"]["q_proj"]["kernel"].shape == (L, 4, HD, D)
