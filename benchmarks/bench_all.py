@@ -12,14 +12,44 @@ Per row: median and min step time, the ratio of medians to the row's peer (a
 quantized row: to its float32 version), compile time and optimizer-state
 bytes. Sophia rows are timed twice, on a step with a Hessian refresh and on one
 without; their objective is a small causal transformer on the same parameters
-(``--sophia-tokens`` tokens of one sequence).
+(``--sophia-tokens`` tokens of one sequence). Shampoo and SOAP rows likewise, on
+a step that refreshes the preconditioner (Shampoo: the roots by ``eigh``; SOAP:
+the eigenbases by one power iteration and a QR) and on one that does not; the
+``count`` in the state is set to pick which (`with_count`). Their refresh
+step's ratio is taken to the peer's plain step where the peer has no refresh.
+
+Shampoo / SOAP group (``shampoo_soap``), multiply-adds per step of one ``(m, n)``
+matrix (a kernel of order k with sizes d_i and N entries: per preconditioned
+axis i, ``N d_i`` for a statistic or a mode product, ``d_i^3`` for a
+factorization; axes longer than ``max_precond_dim`` = 10000, such as the
+embedding's vocabulary axis, are left alone):
+
+* ``optax.adamw``: ~10 m n elementwise, no matrix products.
+* ``slimoptax.muon``: 5 Newton-Schulz iterations of ``X X^T``, ``A^2``, ``B X``
+  (m <= n): ~5 (2 m^2 n + m^3).
+* ``slimoptax.shampoo`` (Adam graft), plain step: statistics ``L += G G^T``,
+  ``R += G^T G``: m^2 n + m n^2; preconditioning ``L^{-1/4} G R^{-1/4}``:
+  m^2 n + m n^2; with the graft's elementwise Adam. Refresh step, in addition:
+  ``eigh`` of L and R, ~c (m^3 + n^3) with c ~ 4-10 (LAPACK / cuSOLVER with
+  eigenvectors), and the root ``V diag(w^{-1/4}) V^T``: m^3 + n^3.
+* ``slimoptax.soap``, plain step: statistics m^2 n + m n^2 (EMA); the gradient
+  rotated into the bases ``Q_L^T G Q_R`` and Adam's direction rotated back:
+  2 (m^2 n + m n^2). Refresh step, in addition: per factor the estimated
+  eigenvalues ``diag(Q^T L Q)`` (2 m^3), the power iteration ``L Q`` (m^3) and
+  its QR (~(4/3) m^3, Householder with Q formed): ~4.3 (m^3 + n^3); the first
+  moment rotated back and into the new bases: 2 (m^2 n + m n^2). (Its first
+  call, an ``eigh`` per factor, is once per run and not timed.)
+
+State, in float32 entries: Shampoo 2 (m^2 + n^2) (statistics and roots) + 2 m n
+(graft moments); SOAP 2 (m^2 + n^2) (statistics and bases) + 2 m n (Adam in the
+bases).
 
 Usage:
   python benchmarks/bench_all.py [--repeats 10] [--layers 12] [--only adamw,sophia]
       [--json out.json]
 
 ``--only`` takes group names (``adamw``, ``adafactor``, ``muon``, ``sophia``,
-``sign``, ``quantized``) or row names; ``--list`` prints them.
+``sign``, ``quantized``, ``shampoo_soap``) or row names; ``--list`` prints them.
 """
 
 from __future__ import annotations
@@ -44,6 +74,7 @@ import slimoptax
 LR = 3e-4
 ADAM = dict(b1=0.9, b2=0.95, weight_decay=0.1)
 SOPHIA_EVERY = 10
+PRECOND_EVERY = 10  # Shampoo's root / SOAP's basis refresh (both libraries' SOAP default)
 
 
 # --------------------------------------------------------------------------
@@ -105,8 +136,17 @@ def make_step(tx, objective=None):
 
 
 def with_count(state, count):
-  """``state`` with every ``count`` field set to ``count`` (decides Sophia's refresh)."""
-  return optax.tree.set(state, count=jnp.asarray(count, jnp.int32))
+  """``state`` with every ``count`` field set to ``count`` (decides Sophia's / Shampoo's / SOAP's refresh).
+
+  Each field gets its own buffer: the step donates the state, and one buffer in
+  two fields (SOAP's chain has three counts) would be donated twice.
+  """
+  def one(path, x):
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "count":
+      return jnp.asarray(count, x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(one, state)
 
 
 # --------------------------------------------------------------------------
@@ -124,6 +164,9 @@ class Row:
     make: ``params -> GradientTransformation``.
     peer: the row its ratio is taken to (``None``: the group's first row).
     sophia: time a refresh step and a plain step (needs the objective).
+    refresh_every: time a refresh step (``count % refresh_every == 0``) and a
+      plain step, without an objective (Shampoo, SOAP).
+    refresh_kind: the refresh step's label in the table.
   """
 
   name: str
@@ -131,6 +174,13 @@ class Row:
   make: Callable[[Any], Any]
   peer: str | None = None
   sophia: bool = False
+  refresh_every: int | None = None
+  refresh_kind: str = "Hessian refresh"
+
+  @property
+  def every(self) -> int | None:
+    """Steps between refreshes (``None``: every step is alike)."""
+    return SOPHIA_EVERY if self.sophia else self.refresh_every
 
 
 def _adamw(_):
@@ -172,6 +222,18 @@ def rows() -> list[Row]:
       Row('scale_by_sign("signsgd") + lr', "sign", lambda _: optax.chain(
           slimoptax.scale_by_sign(mode="signsgd"), optax.scale_by_learning_rate(LR)),
           peer="optax.sign_sgd"),
+      # Kronecker-factored preconditioners against AdamW (and Muon, the other matrix method);
+      # FLOPs per step in the module docstring.
+      Row("optax.adamw (shampoo_soap)", "shampoo_soap", _adamw),
+      Row("slimoptax.muon (shampoo_soap)", "shampoo_soap",
+          lambda _: slimoptax.muon(0.02, adam_learning_rate=LR)),
+      Row("slimoptax.shampoo", "shampoo_soap",
+          lambda _: slimoptax.shampoo(LR, precondition_frequency=PRECOND_EVERY),
+          refresh_every=PRECOND_EVERY, refresh_kind="root refresh (eigh)"),
+      Row("slimoptax.soap", "shampoo_soap",
+          lambda _: slimoptax.soap(LR, ADAM["b1"], ADAM["b2"], weight_decay=ADAM["weight_decay"],
+                                   precondition_frequency=PRECOND_EVERY),
+          refresh_every=PRECOND_EVERY, refresh_kind="basis refresh (QR)"),
   ]
   # Quantized states, against their float32 versions (timed in the same group).
   out += [
@@ -231,19 +293,23 @@ def time_group(group: list[Row], params0, grads, tokens, repeats: int) -> dict[s
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    if row.sophia:
-      state = with_count(state, 1)  # warm-up on a plain step; count 1 is never a refresh
+    if row.every:
+      # Warm-up on a plain step; count 1 is never a refresh (nor SOAP's initializing call 0).
+      state = with_count(state, 1)
     params, state = compiled(params, state, grads, *((tokens,) if row.sophia else ()))
     jax.block_until_ready(params)
     runs[row.name] = dict(row=row, compiled=compiled, params=params, state=state, compile_s=compile_s,
                           state_bytes=state_bytes, times=[], refresh_times=[])
   for r in range(repeats):
     for run in runs.values():
-      if run["row"].sophia:
+      every = run["row"].every
+      if every:
         # A plain step (count 1 mod k) and a refresh step (count 0 mod k).
-        for count, key in ((SOPHIA_EVERY * r + 1, "times"), (SOPHIA_EVERY * (r + 1), "refresh_times")):
+        extra = (tokens,) if run["row"].sophia else ()
+        for count, key in ((every * r + 1, "times"), (every * (r + 1), "refresh_times")):
           state = with_count(run["state"], count)
-          (run["params"], run["state"]), dt = _timed(run["compiled"], run["params"], state, grads, tokens)
+          (run["params"], run["state"]), dt = _timed(run["compiled"], run["params"], state, grads,
+                                                     *extra)
           run[key].append(dt)
       else:
         (run["params"], run["state"]), dt = _timed(run["compiled"], run["params"], run["state"], grads)
@@ -270,9 +336,10 @@ def markdown(results: dict[str, dict], all_rows: list[Row]) -> str:
     peer = peer_of(row, all_rows)
     kinds = [("plain" if "refresh_median_step_s" in r else "", "")]
     if "refresh_median_step_s" in r:
-      kinds.append(("Hessian refresh", "refresh_"))
+      kinds.append((row.refresh_kind, "refresh_"))
     for kind, prefix in kinds:
-      base = results[peer].get(f"{prefix}median_step_s")
+      # A peer without refresh steps (AdamW): the refresh step against its plain step.
+      base = results[peer].get(f"{prefix}median_step_s", results[peer]["median_step_s"])
       ratio = "" if peer == row.name or base is None else f"{r[f'{prefix}median_step_s'] / base:.3f}"
       lines.append(f"| `{row.name}` | {kind} | {r[f'{prefix}median_step_s'] * 1e3:.1f} ms | "
                    f"{r[f'{prefix}min_step_s'] * 1e3:.1f} ms | {ratio} | "
@@ -323,7 +390,8 @@ def main():
       r["peer"] = peer
       r["ratio_to_peer"] = r["median_step_s"] / results[peer]["median_step_s"]
       if "refresh_median_step_s" in r:
-        r["refresh_ratio_to_peer"] = r["refresh_median_step_s"] / results[peer]["refresh_median_step_s"]
+        r["refresh_ratio_to_peer"] = r["refresh_median_step_s"] / results[peer].get(
+            "refresh_median_step_s", results[peer]["median_step_s"])
       if results[peer]["state_bytes"]:
         r["state_bytes_ratio_to_peer"] = r["state_bytes"] / results[peer]["state_bytes"]
   table = markdown(results, chosen)
@@ -331,7 +399,7 @@ def main():
   if args.json:
     out = dict(device=device, jax=jax.__version__, optax=optax.__version__, layers=args.layers,
                params=n_params, repeats=args.repeats, sophia_tokens=args.sophia_tokens,
-               sophia_update_every=SOPHIA_EVERY, date=datetime.date.today().isoformat(),
+               sophia_update_every=SOPHIA_EVERY, precondition_every=PRECOND_EVERY, date=datetime.date.today().isoformat(),
                rows={name: r for name, r in results.items()}, table=table)
     with open(args.json, "w") as f:
       json.dump(out, f, indent=2)

@@ -341,6 +341,12 @@ def shampoo(
 
     \\theta_{t+1} = \\theta_t - \\eta_t (U_t + \\lambda \\theta_t)
 
+  Under `optax.inject_hyperparams` name ``precondition_frequency`` and
+  ``max_precond_dim`` in ``static_args`` (Python ints: the refresh schedule
+  and which axes get a factor; a traced one is refused by name); the rate,
+  ``weight_decay``, ``beta``, ``eps``, ``b1``, ``b2`` and ``graft_eps`` can
+  be injected.
+
   Args:
     learning_rate: a float or an optax schedule.
     weight_decay: decoupled weight decay (>= 0), times the rate.

@@ -362,6 +362,8 @@ def scale_by_soap(
     [1.0, 0.99]
   """
   _tree.check_range("b1", b1, 0.0, 1.0)
+  if shampoo_beta is not None:  # named as the caller spelt it (else precondition_in_eigenbasis's "beta")
+    _tree.check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
   return precondition_in_eigenbasis(
       scale_by_soap_adam(b1, b2, eps), beta=b2 if shampoo_beta is None else shampoo_beta,
       precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
@@ -428,6 +430,12 @@ def soap(
   as ``soap.py``: the decay acts on the already-updated parameter, scaled by
   the rate alone (not the bias factor), and not on the first call (which
   only initializes the preconditioners).
+
+  Under `optax.inject_hyperparams` name ``precondition_frequency`` and
+  ``max_precond_dim`` in ``static_args`` (Python ints: the refresh schedule
+  and which axes get a factor; a traced one is refused by name); the rate,
+  ``b1``, ``b2``, ``eps``, ``weight_decay`` and ``shampoo_beta`` can be
+  injected.
 
   Args:
     learning_rate: a float or an optax schedule (of the call count, from 0).

@@ -24,6 +24,13 @@ belongs to ``<param path>``). Its spec is then derived from shapes alone:
   entries; where the shapes leave it ambiguous which dimension was removed
   (equal sizes) only the entries every reading agrees on are kept;
 * anything else (e.g. a `slimoptax.Reshaped` head view): replicated.
+* Shampoo's and SOAP's per-axis factors (`slimoptax.shampoo`'s statistics
+  and roots, `slimoptax.soap`'s statistics and eigenbases: ``(d_i, d_i)``,
+  ``(batch, d_i, d_i)`` under ``dims``, in a tuple per parameter) are no copy
+  of the parameter tree, so they belong to no parameter and are replicated,
+  also along an axis the parameter shards (each device holds ``sum_i d_i^2``
+  entries per matrix and runs its ``eigh`` / QR whole); their graft / inner
+  Adam moments are copies and follow the rules above.
 
 A quantized leaf (`slimoptax.QuantizedArray`, `slimoptax.quantize_state`)
 belongs to its parameter as a whole, and each of its arrays follows the same

@@ -111,6 +111,28 @@ def _sophia(**kw):
   return sophia(LR, update_every=2, **kw)
 
 
+# Refresh every 2 steps: the sharding worker (4 steps, checkpoint at 2) and
+# tests/test_checkpoint.py (5 steps, checkpoint at 2) both cross a root / basis
+# refresh after the restore (Shampoo at count 2 and 4; SOAP, whose first call
+# only initializes, at moving step 2 and 4). Both are kept well conditioned on
+# the tiny GPT, whose 64-token batches give rank-deficient statistics, so that
+# the sharded run's other summation order stays within the test's 1e-5:
+# Shampoo with eps=1e-3 (the default 1e-6 amplifies a 1e-7 relative rounding of
+# the statistics to ~1e-4 in the parameters through the near-null roots), SOAP
+# on the head-sized axes only (max_precond_dim=4: the q/k/v/out kernels' two
+# head axes, of which q/k/v's are sharded; the eigenbasis of a degenerate
+# 16- or 64-dimensional statistic is arbitrary within the degenerate subspace,
+# and Adam there is not rotation invariant: ~1e-5 with 16, ~1e-2 by default).
+def _shampoo(**kw):
+  from slimoptax._shampoo import shampoo
+  return shampoo(LR, **{"eps": 1e-3, "precondition_frequency": 2, **kw})
+
+
+def _soap(**kw):
+  from slimoptax._soap import soap
+  return soap(LR, **{"precondition_frequency": 2, "max_precond_dim": 4, **kw})
+
+
 _ADAM = dict(dtype_kwargs=("mu_dtype", "nu_dtype"), axes_kwarg="compress")
 
 CASES: tuple[Case, ...] = (
@@ -132,6 +154,10 @@ CASES: tuple[Case, ...] = (
          dtype_kwargs=("mu_dtype", "h_dtype")),
     Case("sophia", "sophia", _sophia, extra_args=True, dtype_kwargs=("mu_dtype", "h_dtype"),
          axes_kwarg="compress"),
+    # Statistics, roots and bases are float32 (float64 with float64 parameters)
+    # whatever the parameters' dtype: no state dtype keyword.
+    Case("shampoo", "shampoo", _shampoo, axes_kwarg="dims"),
+    Case("soap", "soap", _soap),
 )
 
 

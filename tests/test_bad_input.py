@@ -306,6 +306,10 @@ BAD_HYPERPARAMS = {
     "muon": [("ns_steps", -1), ("eps", -1.0)],
     "sophia": [("b1", 1.0), ("b2", 1.0), ("eps", 0.0), ("gamma", -1.0), ("num_samples", 0),
                ("num_heads", 0)],
+    "shampoo": [("beta", 1.0), ("eps", -1.0), ("b1", 1.0), ("b2", 1.5), ("graft_eps", -1.0),
+                ("weight_decay", -0.1), ("precondition_frequency", 0), ("max_precond_dim", 0)],
+    "soap": [("b1", 1.0), ("b2", 1.0), ("eps", -1e-8), ("shampoo_beta", 1.5), ("weight_decay", -0.1),
+             ("precondition_frequency", 0), ("max_precond_dim", 0)],
 }
 _MUON_ONLY = [("beta", 1.0), ("weight_decay", -1.0), ("adam_b1", 1.0), ("adam_b2", 1.0),
               ("num_heads", 0)]
@@ -349,12 +353,13 @@ def test_hyperparameter_bounds():
 
 
 def _dtype_kwargs(case):
+  # Shampoo / SOAP: no state dtype keyword (statistics, roots and bases are float32 or wider).
   return case.dtype_kwargs or {"adafactor": ("mu_dtype",), "sign": ("mu_dtype",),
-                               "muon": ("dtype",)}[case.family]
+                               "muon": ("dtype",), "shampoo": (), "soap": ()}[case.family]
 
 
 @pytest.mark.parametrize("case,dtype", [
-    pytest.param(c, d, id=f"{c.name}-{jnp.dtype(d).name}") for c in w.CASES
+    pytest.param(c, d, id=f"{c.name}-{jnp.dtype(d).name}") for c in w.CASES if _dtype_kwargs(c)
     for d in (jnp.int32, jnp.bool_, jnp.complex64)])
 def test_non_float_state_dtypes_are_refused_by_name(case, dtype):
   for kwarg in _dtype_kwargs(case):
@@ -419,7 +424,8 @@ def test_python_number_parameters_are_refused_by_name(case):
 
 _OWN_STATES = (slimoptax.ScaleBySlimAdamState, slimoptax.ScaleByAdafactorState,
                slimoptax.ScaleBySignState, slimoptax.ScaleByAdaVarState, slimoptax.ScaleByMuonState,
-               slimoptax.ScaleByHutchinsonState)
+               slimoptax.ScaleByHutchinsonState, slimoptax.ScaleByShampooState,
+               slimoptax.PreconditionInEigenbasisState, slimoptax._soap.SoapStepState)
 
 
 @pytest.mark.parametrize("case", w.case_params())
@@ -455,7 +461,8 @@ def test_aliases_refuse_another_optimizers_state(alias, other):
 
 # Per family: an int argument that sets shapes or a loop count (None: every argument injectable).
 STATIC_INTS = {"slim_adam": ("num_heads", 4), "muon": ("ns_steps", 5), "sophia": ("num_samples", 1),
-               "adafactor": None, "sign": None, "adavar": None}
+               "adafactor": None, "sign": None, "adavar": None,
+               "shampoo": ("precondition_frequency", 2), "soap": ("precondition_frequency", 2)}
 INJECTABLE = {"adafactor": ("decay_rate", 0.8), "sign": ("eps", 0.0), "adavar": ("tau", 0.9)}
 
 
