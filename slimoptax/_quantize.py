@@ -272,22 +272,18 @@ def _unpack4(packed: jax.Array, last: int) -> jax.Array:
 
 def _fmix32(x: jax.Array) -> jax.Array:
   """MurmurHash3's 32-bit finalizer: a bijection of uint32 whose every output bit depends on every input bit."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
+  x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+  x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
   return x ^ (x >> 16)
 
 
 def hash_bits(key: chex.PRNGKey, shape: tuple[int, ...]) -> jax.Array:
   """Uniform uint32 bits for each entry of ``shape``: a counter-based hash of the entry's index and ``key``.
 
-  Two rounds of MurmurHash3's finalizer over ``index + k0 * golden`` and
-  ``k1``: elementwise integer arithmetic that XLA fuses into the rounding,
-  where `jax.random.bits` (threefry) costs several passes. Good enough for
-  stochastic rounding, which needs noise uniform and independent of the
-  rounded values, not a cryptographic stream; a new key per step (as
-  `quantize_state` splits it) gives new noise.
+  Two rounds of MurmurHash3's finalizer over ``index + k0 * golden`` and ``k1``:
+  integer arithmetic XLA fuses into the rounding (`jax.random.bits` costs several
+  passes). Stochastic rounding needs noise uniform and independent of the values,
+  not a cryptographic stream; a new key per step gives new noise.
   """
   data = jax.random.key_data(key) if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) else key
   data = jnp.asarray(data, jnp.uint32).reshape(-1)

@@ -10,7 +10,8 @@ diagonal method (Adam) precondition it there and rotate back:
   V \\leftarrow \\beta_2 V + (1-\\beta_2) G'^2, \\quad
   N = Q_L \\frac{Q_L^T M Q_R}{\\sqrt{V} + \\epsilon} Q_R^T
 
-(the seed slides' Algorithm 3; Algorithm 2 is Adafactor in the same basis).
+(Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, 2024, Algorithm 3; its Algorithm 2 is
+Adafactor in the same basis).
 `precondition_in_eigenbasis` is the rotation, wrapping any inner
 second-moment rule (`scale_by_soap_adam`, `slimoptax.scale_by_adafactor`,
 `slimoptax.scale_by_slim_adam`: "slim SOAP"); `scale_by_soap` / `soap` are the

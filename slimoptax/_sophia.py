@@ -288,8 +288,7 @@ def scale_by_hutchinson(
     mu_dtype: Any = None,
     h_dtype: Any = None,
     num_heads: int | None = None,
-    num_kv_heads: int | None = None,
-    torch_layout: Any = None,
+    num_kv_heads: int | None = None, torch_layout: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia's clipped diagonal-Newton direction.
 
@@ -355,8 +354,7 @@ def scale_by_hutchinson(
       instead of from step ``t + 1`` on (official code, optax).
     mu_dtype: momentum dtype (default: the parameters').
     h_dtype: dtype of ``h`` (default: the parameters').
-    num_heads: attention head count for presets that need it.
-    num_kv_heads, torch_layout: layout declarations, see `slimoptax.scale_by_slim_adam`.
+    num_heads, num_kv_heads, torch_layout: head counts and layout for presets (`slimoptax.scale_by_slim_adam`).
 
   Returns:
     A `optax.GradientTransformationExtraArgs` with state
@@ -509,8 +507,7 @@ def sophia(
     mu_dtype: Any = None,
     h_dtype: Any = None,
     num_heads: int | None = None,
-    num_kv_heads: int | None = None,
-    torch_layout: Any = None,
+    num_kv_heads: int | None = None, torch_layout: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia with decoupled weight decay (Sophia-H by default, Sophia-G with ``estimator="gnb"``).
 
@@ -553,8 +550,7 @@ def sophia(
     fresh_estimate: Algorithm 3's ordering, see `scale_by_hutchinson`.
     mu_dtype: momentum dtype.
     h_dtype: curvature EMA dtype.
-    num_heads: head count for presets that need it.
-    num_kv_heads, torch_layout: layout declarations, see `slimoptax.scale_by_slim_adam`.
+    num_heads, num_kv_heads, torch_layout: head counts and layout for presets (`slimoptax.scale_by_slim_adam`).
 
   Returns:
     A `optax.GradientTransformationExtraArgs`.

@@ -78,7 +78,7 @@ def test_matches_official_soap_trajectory():
 
 
 # --------------------------------------------------------------------------
-# Adafactor in the eigenbasis (the seed's SOAP-slides Algorithm 2), float64 numpy reference.
+# Adafactor in the eigenbasis (Vyas et al., SOAP, Algorithm 2), float64 numpy reference.
 # --------------------------------------------------------------------------
 
 
