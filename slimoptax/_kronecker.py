@@ -28,10 +28,13 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from optax.contrib import _muon as contrib_muon
+
+from slimoptax import _muon, _tree
 
 
 def precond_axes(shape: Sequence[int], max_precond_dim: int, *,
@@ -235,7 +238,86 @@ def all_finite(xs: Sequence[Any]) -> jax.Array:
   return jnp.all(jnp.stack(oks)) if oks else jnp.asarray(True)
 
 
+class Plan(NamedTuple):
+  """How one parameter is preconditioned: the core its statistics are taken of.
+
+  Attributes:
+    core: the shape of one core: the parameter itself (or its merged view) for
+      ``spec=None``, else its ``(fan_in, fan_out)`` matrix view.
+    batch: the number of cores (stacked layers, and heads kept apart by the
+      view) for a matrix view, each with its own factors; ``None``: one core.
+    axes: which core axes have a factor.
+    spec: the matrix view (`slimoptax.matrix_dims`'s spec; ``None``: reshape).
+  """
+
+  core: tuple[int, ...]
+  batch: int | None
+  axes: tuple[bool, ...]
+  spec: Any
+
+  @property
+  def order(self) -> int:
+    return sum(self.axes)
+
+  def factor_shapes(self) -> tuple[Any, ...]:
+    """Per core axis, the factor's shape (``None``: no factor)."""
+    return tuple(None if not on else ((n, n) if self.batch is None else (self.batch, n, n))
+                 for n, on in zip(self.core, self.axes))
+
+
+def tensor_plan(core: Sequence[int], max_precond_dim: int, *, precondition_1d: bool = True) -> Plan:
+  """One core of shape ``core`` (the parameter or its merged view): every short axis gets a factor."""
+  core = tuple(int(s) for s in core)
+  return Plan(core, None, precond_axes(core, max_precond_dim, precondition_1d=precondition_1d), None)
+
+
+def matrix_plan(shape: Sequence[int], spec: Any, max_precond_dim: int) -> Plan:
+  """The ``(batch, fan_in, fan_out)`` view of ``shape`` by ``spec`` (Muon's, `slimoptax.matrix_dims`).
+
+  Axes outside the view's reduction and output axes (stacked layers, heads
+  kept apart) index separate cores, so no statistic mixes them.
+  """
+  batch, rows, cols = _muon.matrix_shape(shape, spec)
+  return Plan((rows, cols), batch, precond_axes((rows, cols), max_precond_dim), spec)
+
+
+def to_core(x: jax.Array, plan: Plan) -> jax.Array:
+  """``x`` as its core(s): ``plan.core``, or ``(batch, *plan.core)`` for a matrix view."""
+  if plan.spec is None:
+    return x.reshape(plan.core)
+  view, d = _muon._view(x.shape, plan.spec)
+  to_matrices, _ = contrib_muon._compute_muon_reshape(x.reshape(view), d)
+  return to_matrices(x.reshape(view))
+
+
+def from_core(y: jax.Array, plan: Plan, shape: Sequence[int]) -> jax.Array:
+  """The inverse of `to_core`: back to the parameter's ``shape``."""
+  if plan.spec is None:
+    return y.reshape(shape)
+  view, d = _muon._view(shape, plan.spec)
+  _, back = contrib_muon._compute_muon_reshape(jnp.zeros(view, y.dtype), d)
+  return back(y).reshape(shape)
+
+
+def per_core(fn: Any, plan: Plan) -> Any:
+  """``fn`` on one core, mapped over the cores of a matrix view (`jax.vmap`)."""
+  return fn if plan.batch is None else jax.vmap(fn)
+
+
+def factor_leaves(updates: Any, tree: Any, plans: Sequence[Plan], name: str) -> list[Any]:
+  """The per-parameter factor tuples of the state ``tree``, checked against ``plans`` (path-named errors)."""
+  got = _tree.leaves_like(updates, tree, what=f"state ({name})")
+  for (path, _), g, plan in zip(_tree.named_leaves(updates), got, plans):
+    have = tuple(None if a is None else _tree.shape_of(a) for a in g) if isinstance(g, tuple) else g
+    want = plan.factor_shapes()
+    if have != want:
+      raise ValueError(f"{name} of {path!r} have shapes {have} but the update needs {want}: the "
+                       "state was created for other parameters (or other dims / max_precond_dim)")
+  return list(got)
+
+
 __all__ = [
-    "all_finite", "axis_gram", "eigenbasis", "eigh_refresh", "inverse_root", "merged_shape",
+    "Plan", "all_finite", "factor_leaves", "from_core", "matrix_plan", "per_core", "tensor_plan",
+    "to_core", "axis_gram", "eigenbasis", "eigh_refresh", "inverse_root", "merged_shape",
     "mode_product", "precond_axes", "precondition", "qr_refresh", "rotate", "update_stats",
 ]

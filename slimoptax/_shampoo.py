@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
-from optax.contrib import _muon as contrib_muon
 
 from slimoptax import _kronecker as kron
 from slimoptax import _muon, _tree
@@ -56,51 +55,20 @@ class ScaleByShampooState(NamedTuple):
   nu: optax.Updates
 
 
-class _Plan(NamedTuple):
-  """How one parameter is preconditioned: its core shape, batch size and factored axes."""
-
-  core: tuple[int, ...]       # the shape the statistics are taken of
-  batch: int | None           # leading batch size of a matrix view (None: no batch axis)
-  axes: tuple[bool, ...]      # which core axes have a factor
-  spec: Any                   # the matrix view (None: the parameter as a tensor)
-
-  @property
-  def order(self) -> int:
-    return sum(self.axes)
-
-
 def _plan(shape: tuple[int, ...], spec: Any, max_precond_dim: int, precondition_1d: bool,
-          per_axis: bool) -> _Plan:
-  if not per_axis and spec is None:  # `dims` says: not a matrix (embedding, norm, bias)
-    return _Plan(shape, None, (False,) * len(shape), None)
+          per_axis: bool) -> kron.Plan:
   if per_axis:
-    return _Plan(shape, None, kron.precond_axes(shape, max_precond_dim,
-                                                precondition_1d=precondition_1d), None)
-  batch, rows, cols = _muon.matrix_shape(shape, spec)
-  return _Plan((rows, cols), batch, kron.precond_axes((rows, cols), max_precond_dim), spec)
-
-
-def _to_core(x: jax.Array, plan: _Plan) -> jax.Array:
-  if plan.spec is None:
-    return x
-  view, d = _muon._view(x.shape, plan.spec)
-  to_matrices, _ = contrib_muon._compute_muon_reshape(x.reshape(view), d)
-  return to_matrices(x.reshape(view))
-
-
-def _from_core(y: jax.Array, plan: _Plan, shape: tuple[int, ...]) -> jax.Array:
-  if plan.spec is None:
-    return y
-  view, d = _muon._view(shape, plan.spec)
-  _, back = contrib_muon._compute_muon_reshape(jnp.zeros(view, y.dtype), d)
-  return back(y).reshape(shape)
+    return kron.tensor_plan(shape, max_precond_dim, precondition_1d=precondition_1d)
+  if spec is None:  # `dims` says: not a matrix (embedding, norm, bias)
+    return kron.Plan(shape, None, (False,) * len(shape), None)
+  return kron.matrix_plan(shape, spec, max_precond_dim)
 
 
 def _stat_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _init_factors(plan: _Plan, dtype: Any, scale: Any) -> tuple[Any, ...]:
+def _init_factors(plan: kron.Plan, dtype: Any, scale: Any) -> tuple[Any, ...]:
   out = []
   for n, on in zip(plan.core, plan.axes):
     if not on:
@@ -111,14 +79,10 @@ def _init_factors(plan: _Plan, dtype: Any, scale: Any) -> tuple[Any, ...]:
   return tuple(out)
 
 
-def _batched(fn, plan: _Plan):
-  return fn if plan.batch is None else jax.vmap(fn)
-
-
-def _roots_of(stats: tuple[Any, ...], plan: _Plan, old: tuple[Any, ...]) -> tuple[Any, ...]:
+def _roots_of(stats: tuple[Any, ...], plan: kron.Plan, old: tuple[Any, ...]) -> tuple[Any, ...]:
   """``H_i^{-1/(2k)}`` per factored axis; a non-finite root keeps the old one."""
   p = 2 * plan.order
-  root = _batched(lambda h: kron.inverse_root(h, p), plan)
+  root = kron.per_core(lambda h: kron.inverse_root(h, p), plan)
   out = []
   for h, r in zip(stats, old):
     if h is None:
@@ -255,18 +219,16 @@ def scale_by_shampoo(
     _tree.check_float_params(updates, what="update")
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     ps = plans(updates)
-    want = [tuple(None if not on else ((n, n) if pl.batch is None else (pl.batch, n, n))
-                  for n, on in zip(pl.core, pl.axes)) for pl in ps]
-    stats = _factor_leaves(updates, state.stats, want, "statistics")
-    roots = _factor_leaves(updates, state.roots, want, "roots")
+    stats = kron.factor_leaves(updates, state.stats, ps, "statistics")
+    roots = kron.factor_leaves(updates, state.roots, ps, "roots")
     if graft:
       mu = _tree.state_leaves(updates, state.mu, name="graft first moment")
       nu = _tree.state_leaves(updates, state.nu, name="graft second moment")
 
     new_stats, oks = [], []
     for g, st, pl in zip(leaves, stats, ps):
-      core = _to_core(g, pl)
-      cand = tuple(_batched(lambda c, s: tuple(kron.update_stats(s, c, beta)), pl)(core, tuple(st)))
+      core = kron.to_core(g, pl)
+      cand = tuple(kron.per_core(lambda c, s: tuple(kron.update_stats(s, c, beta)), pl)(core, tuple(st)))
       ok = jnp.all(jnp.isfinite(g)) & kron.all_finite(cand)
       new_stats.append(tuple(None if s is None else jnp.where(ok, c, s) for s, c in zip(st, cand)))
       oks.append(ok)
@@ -281,8 +243,8 @@ def scale_by_shampoo(
     for i, (g, pl, r, ok) in enumerate(zip(leaves, ps, new_roots, oks)):
       g_safe = jnp.where(ok, g, 0)
       if pl.order:
-        d = _from_core(_batched(lambda c, *rs: kron.precondition(c, rs), pl)(
-            _to_core(g_safe, pl), *r), pl, g.shape)
+        d = kron.from_core(kron.per_core(lambda c, *rs: kron.precondition(c, rs), pl)(
+            kron.to_core(g_safe, pl), *r), pl, g.shape)
       else:
         d = g_safe
       if graft:
@@ -306,17 +268,6 @@ def scale_by_shampoo(
         unflat(mus) if graft else None, unflat(nus) if graft else None)
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _factor_leaves(updates: Any, tree: Any, want: list[tuple[Any, ...]], name: str) -> list[Any]:
-  """The per-parameter factor tuples of ``tree``, checked against ``want`` (path-named errors)."""
-  got = _tree.leaves_like(updates, tree, what=f"state ({name})")
-  for (path, _), g, w in zip(_tree.named_leaves(updates), got, want):
-    have = tuple(None if a is None else _tree.shape_of(a) for a in g) if isinstance(g, tuple) else g
-    if have != w:
-      raise ValueError(f"{name} of {path!r} have shapes {have} but the update needs {w}: the "
-                       "state was created for other parameters (or other dims / max_precond_dim)")
-  return list(got)
 
 
 def shampoo(

@@ -30,7 +30,7 @@ import optax
 from jax.typing import ArrayLike
 
 from slimoptax import _kronecker as kron
-from slimoptax import _tree
+from slimoptax import _muon, _tree
 
 # State fields holding first moments (in the eigenbasis): rotated when the basis changes.
 FIRST_MOMENT_FIELDS = ("mu", "ema", "trace")
@@ -105,25 +105,39 @@ def scale_by_soap_adam(b1: ArrayLike = 0.95, b2: ArrayLike = 0.95,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-class _Plan(NamedTuple):
-  core: tuple[int, ...]  # the (merged) shape the statistics are taken of
-  axes: tuple[bool, ...]
-
-
-def _plan(shape: tuple[int, ...], max_dim: int, merge_dims: bool, precondition_1d: bool) -> _Plan:
+def _official_plan(shape: tuple[int, ...], max_dim: int, merge_dims: bool,
+                   precondition_1d: bool) -> kron.Plan:
   """The official layout: 1-D only with ``precondition_1d``, never merged; merged views always."""
-  if not shape:
-    return _Plan(shape, ())
-  if len(shape) == 1:
-    return _Plan(shape, kron.precond_axes(shape, max_dim, precondition_1d=precondition_1d))
-  core = kron.merged_shape(shape, max_dim) if merge_dims else shape
-  return _Plan(core, kron.precond_axes(core, max_dim, precondition_1d=True))
+  if len(shape) <= 1:
+    return kron.tensor_plan(shape, max_dim, precondition_1d=precondition_1d)
+  return kron.tensor_plan(kron.merged_shape(shape, max_dim) if merge_dims else shape, max_dim)
 
 
-def _rot(x: jax.Array, qs: tuple[Any, ...], plan: _Plan, *, back: bool = False) -> jax.Array:
-  if not any(q is not None for q in qs):
+def _plans(tree: Any, dims: Any, max_dim: int, merge_dims: bool, precondition_1d: bool) -> list[kron.Plan]:
+  shapes = [_tree.shape_of(x) for x in jax.tree_util.tree_leaves(tree)]
+  if dims is None:
+    return [_official_plan(s, max_dim, merge_dims, precondition_1d) for s in shapes]
+  specs = _muon._leaf_specs(tree, dims, False, None)
+  return [kron.Plan(s, None, (False,) * len(s), None) if spec is None else kron.matrix_plan(s, spec, max_dim)
+          for s, spec in zip(shapes, specs)]
+
+
+def _fill(plan: kron.Plan, dtype: Any, fill: Callable[[int, Any], jax.Array]) -> tuple[Any, ...]:
+  return tuple(None if not on else (fill(n, dtype) if plan.batch is None else
+                                    jnp.broadcast_to(fill(n, dtype), (plan.batch, n, n)))
+               for n, on in zip(plan.core, plan.axes))
+
+
+def _rot(x: jax.Array, qs: tuple[Any, ...], plan: kron.Plan, *, back: bool = False) -> jax.Array:
+  if not plan.order:
     return x
-  return kron.rotate(x.reshape(plan.core), qs, back=back).reshape(x.shape)
+  turn = kron.per_core(lambda c, q: kron.rotate(c, q, back=back), plan)
+  return kron.from_core(turn(kron.to_core(x, plan), tuple(qs)), plan, x.shape)
+
+
+def _per_factor(fn: Callable[..., jax.Array], plan: kron.Plan, *factors: tuple[Any, ...]) -> tuple[Any, ...]:
+  """``fn`` on each axis's factor(s) of one parameter (per core); ``None`` where the axis has none."""
+  return tuple(None if fs[0] is None else kron.per_core(fn, plan)(*fs) for fs in zip(*factors))
 
 
 def _map_first_moments(state: Any, treedef: Any, fn: Callable[[int, jax.Array], jax.Array]) -> Any:
@@ -157,6 +171,7 @@ def precondition_in_eigenbasis(
     normalize_grads: bool = False,
     refresh: str = "qr",
     scale_fn: Callable[[jax.Array], jax.Array] | None = None,
+    dims: Any = None,
 ) -> optax.GradientTransformation:
   """Runs ``inner`` in the eigenbasis of Shampoo's statistics (SOAP's rotation).
 
@@ -183,13 +198,20 @@ def precondition_in_eigenbasis(
   of the parameters' shapes (``params`` passed through: only
   rotation-invariant uses of them make sense, such as Adafactor's RMS scale).
 
-  Axes: those of size ``<= max_precond_dim``; 1-D parameters only with
-  ``precondition_1d``; ``merge_dims`` merges adjacent axes of >= 2-D
-  parameters while the product stays ``<= max_precond_dim`` (official
-  ``merge_dims``, ``channels_first``). Each axis of a DenseGeneral ``(d, H,
-  hd)`` kernel gets its own factor (the tensor case; a stacked layer axis
-  likewise gets one: use ``max_precond_dim`` or `optax.partition` to leave
-  it out).
+  Axes (``dims=None``, the official layout): those of size
+  ``<= max_precond_dim``; 1-D parameters only with ``precondition_1d``;
+  ``merge_dims`` merges adjacent axes of >= 2-D parameters while the product
+  stays ``<= max_precond_dim`` (official ``merge_dims``, ``channels_first``);
+  every axis of a DenseGeneral ``(d, H, hd)`` kernel gets its own factor (the
+  tensor case), and so would a stacked layer axis. With ``dims`` (a preset
+  name, `slimoptax.Rules`, or anything `slimoptax.matrix_dims` takes) each
+  matrix is rotated in its ``(fan_in, fan_out)`` view, the one Muon uses: a
+  ``(d, H, hd)`` query kernel as ``d x (H hd)``, an output kernel ``(H, hd,
+  d)`` as ``(H hd) x d``, and the axes outside the view (stacked layers,
+  declared by the rules' ``stacked=``) index separate matrices, each with
+  its own ``L``, ``R`` and bases, so no statistic mixes two layers; the
+  leaves it calls no matrix (embeddings, norms, biases) are not rotated (the
+  inner rule alone, as Muon's and Shampoo's fallback).
 
   Non-finite inputs: a call whose gradients or new statistics are not all
   finite is skipped as a whole (`optax.apply_if_finite`'s rule): zeros out,
@@ -206,6 +228,8 @@ def precondition_in_eigenbasis(
     refresh: ``"qr"`` (SOAP) or ``"eigh"``.
     scale_fn: ``k -> factor`` multiplying ``N`` (after ``normalize_grads``),
       ``k`` the moving steps including this one.
+    dims: ``None`` (the official layout) or the matrix views (see above);
+      ``merge_dims`` and ``precondition_1d`` then do not apply.
 
   Returns:
     A `optax.GradientTransformation` with state `PreconditionInEigenbasisState`.
@@ -217,13 +241,11 @@ def precondition_in_eigenbasis(
     raise ValueError(f"refresh must be 'qr' or 'eigh', got {refresh!r}")
 
   def plans(tree):
-    return [_plan(_tree.shape_of(x), max_dim, merge_dims, precondition_1d)
-            for x in jax.tree_util.tree_leaves(tree)]
+    return _plans(tree, dims, max_dim, merge_dims, precondition_1d)
 
   def factors(params, ps, fill):
-    leaves = jax.tree_util.tree_leaves(params)
-    return [tuple(fill(n, jnp.promote_types(p.dtype, jnp.float32)) if on else None
-                  for n, on in zip(pl.core, pl.axes)) for p, pl in zip(leaves, ps)]
+    return [_fill(pl, jnp.promote_types(p.dtype, jnp.float32), fill)
+            for p, pl in zip(jax.tree_util.tree_leaves(params), ps)]
 
   def init_fn(params):
     _tree.check_float_params(params)
@@ -239,17 +261,16 @@ def precondition_in_eigenbasis(
     _tree.check_float_params(updates, what="update")
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     ps = plans(updates)
-    want = [tuple((n, n) if on else None for n, on in zip(pl.core, pl.axes)) for pl in ps]
-    stats = _factor_leaves(updates, state.stats, want, "statistics")
-    bases = _factor_leaves(updates, state.bases, want, "eigenbases")
+    stats = kron.factor_leaves(updates, state.stats, ps, "statistics")
+    bases = kron.factor_leaves(updates, state.bases, ps, "eigenbases")
     un = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    new_stats = [tuple(kron.update_stats(s, g.reshape(pl.core), beta))
-                 for g, s, pl in zip(leaves, stats, ps)]
+    new_stats = [tuple(kron.per_core(lambda c, h: tuple(kron.update_stats(h, c, beta)), pl)(
+        kron.to_core(g, pl), tuple(s))) for g, s, pl in zip(leaves, stats, ps)]
     ok = kron.all_finite(leaves) & kron.all_finite([x for s in new_stats for x in s])
     zeros = un([jnp.zeros_like(g) for g in leaves])
 
     def first(_):
-      qs = [tuple(None if h is None else kron.eigenbasis(h) for h in s) for s in new_stats]
+      qs = [_per_factor(kron.eigenbasis, pl, s) for s, pl in zip(new_stats, ps)]
       return zeros, state._replace(count=optax.safe_increment(state.count), stats=un(new_stats),
                                    bases=un(qs))
 
@@ -266,11 +287,10 @@ def precondition_in_eigenbasis(
 
       def refreshed(inner_state):
         if refresh == "qr":
-          qs = [tuple(None if h is None else kron.qr_refresh(h, q, keep_order=True)[0]
-                      for h, q in zip(s, b)) for s, b in zip(new_stats, bases)]
+          new_q = lambda h, q: kron.qr_refresh(h, q, keep_order=True)[0]
         else:
-          qs = [tuple(None if h is None else kron.eigh_refresh(h, q) for h, q in zip(s, b))
-                for s, b in zip(new_stats, bases)]
+          new_q = kron.eigh_refresh
+        qs = [_per_factor(new_q, pl, s, b) for s, b, pl in zip(new_stats, bases, ps)]
         qs = [tuple(b if q is None else jnp.where(jnp.all(jnp.isfinite(q)), q, b)
                     for q, b in zip(qn, bo)) for qn, bo in zip(qs, bases)]
 
@@ -291,17 +311,6 @@ def precondition_in_eigenbasis(
     return keep(u, zeros), keep(new_state, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _factor_leaves(updates: Any, tree: Any, want: list[tuple[Any, ...]], name: str) -> list[Any]:
-  """The per-parameter factor tuples of ``tree``, checked against ``want`` (path-named errors)."""
-  got = _tree.leaves_like(updates, tree, what=f"state ({name})")
-  for (path, _), g, w in zip(_tree.named_leaves(updates), got, want):
-    have = tuple(None if a is None else _tree.shape_of(a) for a in g) if isinstance(g, tuple) else g
-    if have != w:
-      raise ValueError(f"{name} of {path!r} have shapes {have} but the update needs {w}: the "
-                       "state was created for other parameters (or another max_precond_dim)")
-  return list(got)
 
 
 def soap_bias_correction(b1: ArrayLike, b2: ArrayLike) -> Callable[[jax.Array], jax.Array]:
@@ -325,6 +334,7 @@ def scale_by_soap(
     precondition_1d: bool = False,
     normalize_grads: bool = False,
     correct_bias: bool = True,
+    dims: Any = None,
 ) -> optax.GradientTransformation:
   """SOAP's direction (Vyas et al. 2024): Adam in Shampoo's eigenbasis, as the official code.
 
@@ -342,7 +352,8 @@ def scale_by_soap(
     b1, b2, eps: Adam's (``eps`` added to ``sqrt(V)``, not bias corrected).
     shampoo_beta: EMA rate of ``L``, ``R`` (``None``: ``b2``, the official -1).
     precondition_frequency, max_precond_dim, merge_dims, precondition_1d,
-      normalize_grads: see `precondition_in_eigenbasis`.
+      normalize_grads, dims: see `precondition_in_eigenbasis` (``dims=None``:
+      the official layout).
     correct_bias: the factor ``sqrt(1 - b2^k) / (1 - b1^k)`` (else 1).
 
   Returns:
@@ -369,7 +380,7 @@ def scale_by_soap(
       scale_by_soap_adam(b1, b2, eps), beta=b2 if shampoo_beta is None else shampoo_beta,
       precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
       merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-      scale_fn=soap_bias_correction(b1, b2) if correct_bias else None)
+      scale_fn=soap_bias_correction(b1, b2) if correct_bias else None, dims=dims)
 
 
 class SoapStepState(NamedTuple):
@@ -421,6 +432,7 @@ def soap(
     precondition_1d: bool = False,
     normalize_grads: bool = False,
     correct_bias: bool = True,
+    dims: Any = None,
 ) -> optax.GradientTransformation:
   """SOAP (Vyas et al. 2024) with the official code's decoupled weight decay.
 
@@ -441,8 +453,8 @@ def soap(
   Args:
     learning_rate: a float or an optax schedule (of the call count, from 0).
     b1, b2, eps, shampoo_beta, precondition_frequency, max_precond_dim,
-      merge_dims, precondition_1d, normalize_grads, correct_bias: see
-      `scale_by_soap`.
+      merge_dims, precondition_1d, normalize_grads, correct_bias, dims: see
+      `scale_by_soap` (``dims="slimadam"`` for Flax models with stacked layers).
     weight_decay: the official default 0.01, applied to every parameter.
     mask: which parameters are decayed (pytree of bools or callable; default
       all, as the official code).
@@ -472,7 +484,7 @@ def soap(
                     precondition_frequency=precondition_frequency,
                     max_precond_dim=max_precond_dim, merge_dims=merge_dims,
                     precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-                    correct_bias=correct_bias),
+                    correct_bias=correct_bias, dims=dims),
       _step_then_decay(learning_rate, weight_decay, mask))
 
 
