@@ -88,7 +88,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import slimoptax
-from experiments._lib import data, ladder, lora, model, report
+from experiments._lib import cells, data, ladder, lora, model, report
 from experiments._lib.plots import pyplot, save
 from experiments._lib.schedules import lm_warmup_cosine
 from slimoptax.checkpoint import restore_state, save_state
@@ -260,8 +260,7 @@ class Grid:
 
   def __init__(self, args, out: pathlib.Path):
     self.args, self.out = args, out
-    self.cells_dir = out / "cells"
-    self.cells_dir.mkdir(parents=True, exist_ok=True)
+    self.cells = cells.CellStore(out)
     self.ckpt_dir = pathlib.Path(args.ckpt_dir).absolute()
     self._data, self._lm, self._steps, self._evals, self._loras = None, None, {}, {}, {}
     self._txs, self._params = {}, {}
@@ -314,22 +313,10 @@ class Grid:
 
   # -- cells -------------------------------------------------------------------------------------------------
   def load(self, name: str) -> dict | None:
-    path = self.cells_dir / f"{name}.json"
-    if not path.exists():
-      return None
-    try:
-      return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      aside = path.with_suffix(f".corrupt-{int(time.time())}")
-      os.replace(path, aside)
-      report.say(f"warning: {path} is unreadable ({e}); moved to {aside.name}, the run is redone")
-      return None
+    return self.cells.load(name)
 
   def store(self, name: str, record: dict) -> None:
-    path = self.cells_dir / f"{name}.json"
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    self.cells.store(name, record)
 
   # -- pretraining -------------------------------------------------------------------------------------------
   @staticmethod
@@ -436,26 +423,10 @@ class Grid:
 
   def tune(self, opt: str, *, dry: bool) -> tuple[float | None, dict]:
     """The optimizer's best rate (lowest A loss averaged over the seeds) and every rate tried."""
-    lrs, tried, best = sorted(report.floats(getattr(self.args, f"{opt}_lrs"))), {}, None
-    for _ in range(self.args.max_extend + 1):
-      for lr in lrs:
-        if lr not in tried:
-          tried[lr] = {s: self.pre_run(opt, lr, s, dry=dry) for s in self.args.seed_list}
-      if any(r is None for per in tried.values() for r in per.values()):
-        return None, tried
-      score = {lr: float(np.mean([math.inf if r["diverged"] else r["a_loss"] for r in per.values()]))
-               for lr, per in tried.items()}
-      ok = {lr: v for lr, v in score.items() if math.isfinite(v)}
-      if not ok:
-        raise RuntimeError(f"{opt} diverged at every learning rate of {sorted(tried)}")
-      best, grid = min(ok, key=ok.get), sorted(tried)
-      if best == grid[0]:
-        lrs = grid + [grid[0] / 2]
-      elif best == grid[-1]:
-        lrs = grid + [grid[-1] * 2]
-      else:
-        return best, tried
-    return best, tried
+    return cells.tune_lr(lambda lr, s: self.pre_run(opt, lr, s, dry=dry),
+                         report.floats(getattr(self.args, f"{opt}_lrs")), self.args.seed_list,
+                         score=lambda r: math.inf if r["diverged"] else r["a_loss"],
+                         max_extend=self.args.max_extend, what=opt)
 
   # -- finetuning --------------------------------------------------------------------------------------------
   def _full_loss(self):
@@ -943,60 +914,17 @@ def plot_memorization(res: dict, a, path) -> None:
 # -----------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _take_lock(out: pathlib.Path) -> pathlib.Path:
-  lock = out / "run.lock"
-  while True:
-    try:
-      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-      try:
-        pid = int(lock.read_text().strip() or 0)
-      except (OSError, ValueError):
-        pid = 0
-      if pid and pid != os.getpid() and _pid_alive(pid):
-        sys.exit(f"error: {out} is being trained by process {pid} ({lock}); wait for it or stop it")
-      lock.unlink(missing_ok=True)
-      continue
-    with os.fdopen(fd, "w") as f:
-      f.write(str(os.getpid()))
-    return lock
-
-
-def _check_config(args, out: pathlib.Path) -> None:
-  path = out / "config.json"
-  mine = {k: getattr(args, k) for k in _RUN_KEYS}
-  if path.exists():
-    theirs = json.loads(path.read_text())
-    diff = [k for k in _RUN_KEYS if theirs.get(k) != mine[k]]
-    if diff:
-      sys.exit(f"error: {out} holds a grid started with other settings ("
-               + ", ".join(f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {mine[k]!r} now" for k in diff)
-               + "); use the same flags to resume it or another --out")
-  else:
-    path.write_text(json.dumps(mine, indent=1))
-
-
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   out, t_start = report.start(args.out)
-  _check_config(args, out)
+  cells.check_config(args, out, _RUN_KEYS)
   grid = Grid(args, out)
   if args.report:
     write_report(grid, grid.walk(dry=True))
     report.say((out / "summary.md").read_text())
     return 0
-  lock = _take_lock(out)
+  lock = cells.take_lock(out)
   command = " ".join(["python -m experiments.optimizer_consistency", *argv])
   try:
     report.say(f"optimizer_consistency: grid in {out} (finished runs are kept; rerun the same command to resume)")

@@ -1,0 +1,73 @@
+"""The shared machinery of resumable experiment grids (experiments._lib.cells)."""
+
+import json
+import math
+import os
+
+import pytest
+
+from experiments._lib import cells
+
+
+def _runner(losses):
+  calls = []
+
+  def run(lr, seed):
+    calls.append((lr, seed))
+    return {"loss": losses(lr, seed)}
+  return run, calls
+
+
+def test_tune_lr_extends_past_an_edge_and_stops_inside():
+  # A bowl with its minimum at 0.8: a grid of [0.1, 0.2, 0.4] is extended to 0.8 and 1.6, then stops.
+  run, calls = _runner(lambda lr, seed: (math.log2(lr / 0.8)) ** 2 + 0.01 * seed)
+  best, tried = cells.tune_lr(run, [0.4, 0.1, 0.2], [0, 1], score=lambda r: r["loss"], max_extend=3, what="x")
+  assert best == 0.8 and sorted(tried) == [0.1, 0.2, 0.4, 0.8, 1.6]
+  assert len(calls) == 10  # every rate once per seed, none twice
+
+
+def test_tune_lr_scores_the_mean_over_seeds_and_skips_diverged():
+  # Seed 1 diverges at 0.4: its mean is inf, so 0.2 wins although seed 0 is best at 0.4.
+  table = {(0.1, 0): 3.0, (0.1, 1): 3.0, (0.2, 0): 2.0, (0.2, 1): 2.0, (0.4, 0): 1.0, (0.4, 1): math.inf}
+  run, _ = _runner(lambda lr, seed: table[(lr, seed)])
+  best, _ = cells.tune_lr(run, [0.1, 0.2, 0.4], [0, 1], score=lambda r: r["loss"], max_extend=0, what="x")
+  assert best == 0.2
+
+
+def test_tune_lr_waits_for_missing_runs_and_names_total_divergence():
+  best, tried = cells.tune_lr(lambda lr, s: None, [1.0, 2.0], [0], score=lambda r: 0.0, max_extend=2, what="x")
+  assert best is None and sorted(tried) == [1.0, 2.0]
+  with pytest.raises(RuntimeError, match="signsgd diverged at every learning rate"):
+    cells.tune_lr(lambda lr, s: {"loss": math.inf}, [1.0, 2.0], [0], score=lambda r: r["loss"],
+                  max_extend=1, what="signsgd")
+
+
+def test_store_is_atomic_and_corrupt_cells_are_moved_aside(tmp_path):
+  store = cells.CellStore(tmp_path)
+  store.store("a", {"x": 1})
+  assert store.load("a") == {"x": 1} and store.load("b") is None
+  assert not list(store.dir.glob("*.tmp-*"))
+  (store.dir / "c.json").write_text('{"x": ')  # a run killed while writing by hand
+  assert store.load("c") is None
+  assert not (store.dir / "c.json").exists() and list(store.dir.glob("c.corrupt-*"))
+
+
+def test_lock_refuses_a_live_holder_and_takes_a_stale_one(tmp_path):
+  lock = cells.take_lock(tmp_path)
+  assert lock.read_text() == str(os.getpid())
+  lock.write_text("1")  # pid 1 is alive
+  with pytest.raises(SystemExit, match="being trained by process 1"):
+    cells.take_lock(tmp_path)
+  lock.write_text("999999999")  # no such process: a stale lock
+  assert cells.take_lock(tmp_path).read_text() == str(os.getpid())
+
+
+def test_check_config_refuses_other_settings_by_flag(tmp_path):
+  class A:
+    steps, lrs = 800, "1e-3"
+  cells.check_config(A, tmp_path, ("steps", "lrs"))
+  assert json.loads((tmp_path / "config.json").read_text()) == {"steps": 800, "lrs": "1e-3"}
+  cells.check_config(A, tmp_path, ("steps", "lrs"))  # the same settings resume
+  A.steps = 2400
+  with pytest.raises(SystemExit, match=r"--steps 800 there, 2400 now"):
+    cells.check_config(A, tmp_path, ("steps", "lrs"))
