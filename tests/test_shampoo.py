@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from slimoptax._shampoo import scale_by_shampoo, shampoo
@@ -132,87 +131,3 @@ def test_bad_inputs_raise_named_errors():
     tx.update({"w": jnp.zeros((4, 2))}, state)
   with pytest.raises(ValueError, match="'step'"):
     tx.init({"step": jnp.zeros((), jnp.int32)})
-
-
-# ---------------------------------------------------------------------------
-# inject_hyperparams and bf16 parameters.
-# ---------------------------------------------------------------------------
-
-# Python ints that set the refresh schedule / which axes get a factor (see the docstring).
-STATIC_ARGS = ("precondition_frequency", "max_precond_dim")
-
-
-def _tree_params(dtype=jnp.float32, seed=0):
-  rng = np.random.default_rng(seed)
-  shapes = {"w": (6, 4), "t": (4, 3, 2), "b": (4,)}
-  return {k: jnp.asarray(0.1 * rng.standard_normal(s), dtype) for k, s in shapes.items()}
-
-
-def _tree_grads(params, steps, seed=1):
-  rng = np.random.default_rng(seed)
-  return [{k: jnp.asarray(rng.standard_normal(p.shape) + 0.3, p.dtype) for k, p in params.items()}
-          for _ in range(steps)]
-
-
-def _assert_close(a, b, **kw):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), **kw)
-
-
-def test_inject_hyperparams_learning_rate():
-  """Injected == plain across a root refresh; a new rate mid-run gives the alias built with it."""
-  params = _tree_params()
-  grads = _tree_grads(params, 4)
-  kw = dict(weight_decay=0.1, precondition_frequency=2)
-  with pytest.raises(ValueError, match=r'precondition_frequency must be a Python int.*static_args'):
-    optax.inject_hyperparams(shampoo)(learning_rate=1e-2).init(params)
-  inj = optax.inject_hyperparams(shampoo, static_args=STATIC_ARGS)(learning_rate=1e-2, **kw)
-  plain = shampoo(1e-2, **kw)
-  s, rs = inj.init(params), plain.init(params)
-  assert {"learning_rate", "weight_decay", "b1", "b2", "eps"} <= set(s.hyperparams)
-  p, rp = params, params
-  inj_update, plain_update = jax.jit(inj.update), jax.jit(plain.update)
-  for g in grads[:3]:  # roots refreshed at counts 0 and 2
-    u, s = inj_update(g, s, p)
-    ru, rs = plain_update(g, rs, rp)
-    p, rp = optax.apply_updates(p, u), optax.apply_updates(rp, ru)
-    _assert_close(p, rp, rtol=1e-5, atol=1e-6)  # float32 eigh in two programs: rounding apart
-  s.hyperparams["learning_rate"] = jnp.asarray(3e-3, s.hyperparams["learning_rate"].dtype)
-  u, _ = inj_update(grads[3], s, p)
-  ref, _ = jax.jit(shampoo(3e-3, **kw).update)(grads[3], s.inner_state, p)
-  assert float(max(jnp.abs(x).max() for x in jax.tree.leaves(ref))) > 0
-  _assert_close(u, ref, rtol=1e-5, atol=1e-7)
-
-
-def _run(tx, params, grads):
-  state, update = tx.init(params), jax.jit(tx.update)
-  states, updates = [], []
-  for g in grads:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-    states.append(state)
-    updates.append(u)
-  return params, states, updates
-
-
-def test_bf16_params_with_fp32_statistics():
-  """bf16 parameters: statistics and roots stay float32, the update is bf16, the run tracks fp32."""
-  p32 = _tree_params()
-  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
-  grads = _tree_grads(p32, 6)
-  tx = shampoo(1e-2, weight_decay=0.1, precondition_frequency=2)
-  end16, states, updates = _run(tx, p16, [jax.tree.map(lambda x: x.astype(jnp.bfloat16), g)
-                                          for g in grads])
-  end32, _, _ = _run(tx, p32, grads)
-  for state, u in zip(states, updates):
-    factors = jax.tree.leaves((state[0].stats, state[0].roots))
-    assert factors and all(x.dtype == jnp.float32 for x in factors)
-    assert all(x.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(end16))
-  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(end32), jax.tree.leaves(p32)))
-  assert moved > 2e-2
-  for a, b, c in zip(jax.tree.leaves(end16), jax.tree.leaves(end32), jax.tree.leaves(p32)):
-    # The displacement, within bf16's rounding of parameters ~0.1-0.3 (2^-9 relative) per step.
-    d16 = np.asarray(a, np.float64) - np.asarray(c.astype(jnp.bfloat16), np.float64)
-    d32 = np.asarray(b, np.float64) - np.asarray(c, np.float64)
-    np.testing.assert_allclose(d16, d32, atol=0.1 * moved)
