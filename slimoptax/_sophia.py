@@ -1,7 +1,7 @@
 """Diagonal-curvature estimators and Sophia.
 
 Estimators of ``diag(H)`` (``H`` the Hessian of the loss) from one extra
-backward-like pass:
+backward-like pass (`slimoptax._curvature`):
 
 * Hutchinson (`hutchinson_estimate`): ``h = u * (H u)`` with random probes
   ``u`` (Rademacher or Gaussian), ``E[u u^T] = I`` so ``E[h] = diag(H)``. The
@@ -36,7 +36,6 @@ References:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -50,167 +49,20 @@ from jax.typing import ArrayLike
 
 from slimoptax import _slim_adam as slim_adam
 from slimoptax import _tree
+from slimoptax._curvature import (
+  DISTRIBUTIONS,
+  _sampler,
+  gnb_estimate,
+  hutchinson_estimate,
+  random_probes,
+)
 from slimoptax._slim_adam import Compress
 
-DISTRIBUTIONS: tuple[str, ...] = ("rademacher", "gaussian")
 ESTIMATORS: tuple[str, ...] = ("hutchinson", "gnb")
 
 # Default gamma of `sophia` per estimator: Sophia-H 0.01 (as optax.contrib.sophia),
 # Sophia-G 0.05 (rho of the official GPT-2 Small SophiaG configuration).
 DEFAULT_GAMMA: dict[str, float] = {"hutchinson": 0.01, "gnb": 0.05}
-
-
-# --------------------------------------------------------------------------
-# Estimators.
-# --------------------------------------------------------------------------
-
-
-def _sampler(distribution: str):
-  if distribution == "rademacher":
-    return jax.random.rademacher
-  if distribution in ("gaussian", "normal"):
-    return jax.random.normal
-  raise ValueError(f"unknown probe distribution {distribution!r}; known: {DISTRIBUTIONS}")
-
-
-def _accepts_out_sharding(fn) -> bool:
-  try:
-    return "out_sharding" in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-
-
-def random_probes(key: chex.PRNGKey, params: Any, distribution: str = "rademacher") -> Any:
-  """Probes ``u`` like ``params``: one key per leaf (``jax.random.split(key, n)``).
-
-  Drawn in float32 and cast to each leaf's dtype; each probe gets the leaf's
-  sharding when the sampler supports it. (The key layout is the one of
-  `optax.tree.random_like`, so a seed gives the same probes as
-  `optax.contrib.hutchinson_estimator_diag_hessian` for float32 parameters.)
-  """
-  sampler = _sampler(distribution)
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(key, len(leaves)) if leaves else []
-  sharded = _accepts_out_sharding(sampler)
-  out = []
-  for k, p in zip(keys, leaves):
-    if sharded:
-      u = sampler(k, p.shape, jnp.float32, out_sharding=jax.typeof(p).sharding)
-    else:
-      u = sampler(k, p.shape, jnp.float32)
-    out.append(u.astype(p.dtype))
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def hutchinson_estimate(
-    obj_fn: Callable[[Any], jax.Array],
-    params: Any,
-    key: chex.PRNGKey,
-    *,
-    num_samples: int = 1,
-    distribution: str = "rademacher",
-) -> Any:
-  """Hutchinson's estimate ``u * (H u)`` of the Hessian diagonal, per leaf.
-
-  .. math::
-
-    \\hat h = \\frac{1}{S} \\sum_{s=1}^S u_s \\odot (\\nabla^2 L(\\theta) u_s), \\qquad
-    \\mathbb{E}[\\hat h] = \\mathrm{diag}(\\nabla^2 L(\\theta))
-
-  Args:
-    obj_fn: ``params -> scalar`` loss (close over the batch).
-    params: the point at which the Hessian is taken.
-    key: PRNG key. With ``num_samples=1`` the probe is drawn from ``key``
-      itself (`random_probes`); otherwise from ``jax.random.split(key,
-      num_samples)``.
-    num_samples: probes averaged (summed in a `jax.lax.scan`, so memory does
-      not grow with it).
-    distribution: ``"rademacher"`` (``u_i = +-1``: lower variance, exact for
-      diagonal ``H``) or ``"gaussian"`` (the paper's ``N(0, I)``).
-
-  Returns:
-    A pytree like ``params``. Entries may be negative (indefinite ``H`` or
-    noise).
-
-  Example:
-    >>> import jax, jax.numpy as jnp, slimoptax
-    >>> params = {"w": jnp.array([1.0, 2.0])}
-    >>> loss = lambda p: jnp.sum(jnp.array([3.0, 0.5]) * p["w"] ** 2)  # diag(H) = (6, 1)
-    >>> slimoptax.hutchinson_estimate(loss, params, jax.random.PRNGKey(0))["w"].tolist()
-    [6.0, 1.0]
-  """
-  _sampler(distribution)
-  if int(num_samples) < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  grad_fn = jax.grad(obj_fn)
-
-  def one(k):
-    u = random_probes(k, params, distribution)
-    hu = jax.jvp(grad_fn, (params,), (u,))[1]
-    return jax.tree.map(lambda a, b: (a * b).astype(b.dtype), hu, u)
-
-  if num_samples == 1:
-    return one(key)
-
-  def body(acc, k):
-    est = one(k)
-    return jax.tree.map(lambda a, e: a + e.astype(a.dtype), acc, est), None
-
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
-  total, _ = jax.lax.scan(body, zeros, jax.random.split(key, num_samples))
-  return jax.tree.map(lambda t, p: (t / num_samples).astype(p.dtype), total, params)
-
-
-def gnb_estimate(
-    logits_fn: Callable[[Any], jax.Array],
-    params: Any,
-    key: chex.PRNGKey,
-    *,
-    batch_size: int | None = None,
-) -> Any:
-  """Gauss–Newton–Bartlett estimate ``B * g_hat * g_hat`` for softmax cross-entropy.
-
-  .. math::
-
-    \\hat y_b \\sim \\mathrm{softmax}(f(\\theta, x_b)), \\quad
-    \\hat g = \\nabla_\\theta \\frac{1}{B} \\sum_b \\ell(f(\\theta, x_b), \\hat y_b), \\quad
-    \\hat h = B \\, \\hat g \\odot \\hat g
-
-  One forward and one backward pass (`jax.vjp`; the cross-entropy gradient
-  w.r.t. the logits is ``(softmax - onehot(y_hat)) / N``).
-
-  Args:
-    logits_fn: ``params -> logits`` of shape ``(..., classes)``; every leading
-      position is one loss term (all tokens of an LM batch), averaged.
-    params: the parameters.
-    key: PRNG key for the sampled labels.
-    batch_size: the ``B`` multiplying ``g_hat^2``; default the number of
-      averaged loss terms (``prod(logits.shape[:-1])``), which makes ``E[h_hat]``
-      the Gauss–Newton diagonal of the mean loss (the official code passes
-      ``bs = batch * block_size`` tokens, the same thing).
-
-  Returns:
-    A pytree like ``params`` of non-negative estimates.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, slimoptax
-    >>> params = {"w": jnp.ones((3, 4))}
-    >>> x = jnp.arange(6.0).reshape(2, 3) / 6
-    >>> h = slimoptax.gnb_estimate(lambda p: x @ p["w"], params, jax.random.PRNGKey(0))
-    >>> h["w"].shape, bool((h["w"] >= 0).all())
-    ((3, 4), True)
-  """
-  logits, vjp_fn = jax.vjp(logits_fn, params)
-  if logits.ndim < 1:
-    raise ValueError(f"logits_fn must return (..., classes) logits, got shape {logits.shape}")
-  n = math.prod(logits.shape[:-1])
-  logits32 = jax.lax.stop_gradient(logits).astype(jnp.float32)
-  sampled = jax.random.categorical(key, logits32, axis=-1)
-  probs = jax.nn.softmax(logits32, axis=-1)
-  dlogits = (probs - jax.nn.one_hot(sampled, logits.shape[-1], dtype=jnp.float32)) / n
-  (g,) = vjp_fn(dlogits.astype(logits.dtype))
-  scale = float(n if batch_size is None else batch_size)
-  return jax.tree.map(lambda x: (scale * jnp.square(x.astype(jnp.float32))).astype(x.dtype), g)
 
 
 # --------------------------------------------------------------------------
