@@ -83,7 +83,7 @@ class ScaleByHutchinsonState(NamedTuple):
       `scale_by_hutchinson`).
     win_rate: fraction of coordinates whose last update was *not* clipped,
       ``|m / max(gamma h, eps)| < clip_threshold`` (float32 scalar; the paper
-      suggests it stays between 0.1 and 0.5).
+      suggests it stays between 0.1 and 0.5); NaN with ``track_win_rate=False``.
   """
 
   count: chex.Array
@@ -137,6 +137,7 @@ def scale_by_hutchinson(
     gnb_batch_size: int | None = None,
     bias_correction: bool = False,
     fresh_estimate: bool = False,
+    track_win_rate: bool = True,
     mu_dtype: Any = None,
     h_dtype: Any = None,
     num_heads: int | None = None,
@@ -204,6 +205,12 @@ def scale_by_hutchinson(
       does; the paper and the official code do not).
     fresh_estimate: use step ``t``'s refreshed ``h`` in step ``t`` (Algorithm 3)
       instead of from step ``t + 1`` on (official code, optax).
+    track_win_rate: count the unclipped coordinates every step (``win_rate``).
+      A reduction over every parameter, which XLA's CPU backend runs as an
+      extra pass (with the ratio written out for it): ``False`` leaves
+      ``win_rate`` NaN and the step without it (as `optax.contrib.sophia`
+      without ``verbose``). See docs/benchmarks.md, "Sophia's step without a
+      refresh".
     mu_dtype: momentum dtype (default: the parameters').
     h_dtype: dtype of ``h`` (default: the parameters').
     num_heads, num_kv_heads, torch_layout: head counts and layout for presets (`slimoptax.scale_by_slim_adam`).
@@ -282,7 +289,7 @@ def scale_by_hutchinson(
         key=key,
         mu=_tree.zeros_like_tree(params, mu_dtype),
         h=slim_adam.reduced_zeros(params, axes, h_dtype),
-        win_rate=jnp.zeros([], jnp.float32),
+        win_rate=jnp.asarray(0.0 if track_win_rate else jnp.nan, jnp.float32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -314,7 +321,8 @@ def scale_by_hutchinson(
 
     def direction(_, g, m_hat, h, h_next, a):
       ratio = slim_adam.divide_in_view(m_hat, jnp.maximum(gamma * h, eps), a)
-      not_clipped = jnp.sum(jnp.abs(ratio) < clip_threshold).astype(jnp.float32)
+      not_clipped = (jnp.sum(jnp.abs(ratio) < clip_threshold).astype(jnp.float32) if track_win_rate
+                     else jnp.zeros([], jnp.float32))
       u = jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype)
       return slim_adam.skip_nonfinite_groups(h_next, a, u, 0.0), not_clipped  # group skips
 
@@ -327,7 +335,7 @@ def scale_by_hutchinson(
     new_h = skip(new_h, h_leaves)  # a group whose refreshed h is not finite keeps m and h
     total = sum(math.prod(_tree.shape_of(g)) for g in jax.tree_util.tree_leaves(updates))
     not_clipped = sum(jax.tree_util.tree_leaves(not_clipped), jnp.zeros([], jnp.float32))
-    win_rate = not_clipped / max(total, 1)
+    win_rate = not_clipped / max(total, 1) if track_win_rate else jnp.asarray(jnp.nan, jnp.float32)
     # The state keeps its dtype (an array-valued b1 must not promote a bf16 momentum).
     mu = jax.tree.map(lambda m, prev: m.astype(mu_dtype or prev.dtype), mu, state.mu)
     return u, ScaleByHutchinsonState(
@@ -356,6 +364,7 @@ def sophia(
     gnb_batch_size: int | None = None,
     bias_correction: bool = False,
     fresh_estimate: bool = False,
+    track_win_rate: bool = True,
     mu_dtype: Any = None,
     h_dtype: Any = None,
     num_heads: int | None = None,
@@ -400,6 +409,7 @@ def sophia(
     gnb_batch_size: ``B`` of the GNB estimator.
     bias_correction: bias-correct ``m`` (as optax).
     fresh_estimate: Algorithm 3's ordering, see `scale_by_hutchinson`.
+    track_win_rate: count the unclipped coordinates, see `scale_by_hutchinson`.
     mu_dtype: momentum dtype.
     h_dtype: curvature EMA dtype.
     num_heads, num_kv_heads, torch_layout: head counts and layout for presets (`slimoptax.scale_by_slim_adam`).
@@ -440,7 +450,8 @@ def sophia(
           b1, b2, gamma, eps, update_every=update_every, estimator=estimator,
           clip_threshold=clip_threshold, compress=compress, seed=seed, num_samples=num_samples,
           distribution=distribution, gnb_batch_size=gnb_batch_size,
-          bias_correction=bias_correction, fresh_estimate=fresh_estimate, mu_dtype=mu_dtype,
+          bias_correction=bias_correction, fresh_estimate=fresh_estimate,
+          track_win_rate=track_win_rate, mu_dtype=mu_dtype,
           h_dtype=h_dtype, num_heads=num_heads, num_kv_heads=num_kv_heads, torch_layout=torch_layout),
       optax.add_decayed_weights(
           weight_decay,

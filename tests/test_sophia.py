@@ -266,6 +266,12 @@ def test_win_rate_is_the_fraction_not_clipped():
   assert float(state.win_rate) == pytest.approx(not_clipped / 35)
   _tree_close(u, jax.tree.map(lambda r: jnp.clip(r, -1, 1), ratios), atol=1e-6)
   assert slimoptax.sophia_win_rate(optax.chain(tx, optax.scale(-1.0)).init(params)) == 0.0
+  # Without the count: the same updates and state, win_rate NaN.
+  off = slimoptax.scale_by_hutchinson(gamma=0.5, update_every=5, track_win_rate=False)
+  _, state_off, u_off = _run(off, params, loss, 3)
+  _tree_close(u_off, u, atol=0)
+  _tree_close((state_off.mu, state_off.h), (state.mu, state.h), atol=0)
+  assert np.isnan(float(state_off.win_rate)) and np.isnan(float(slimoptax.sophia_win_rate(off.init(params))))
 
 
 def test_refresh_schedule_and_ordering():
