@@ -40,8 +40,9 @@ class PreconditionInEigenbasisState(NamedTuple):
   """State of `precondition_in_eigenbasis`.
 
   Per parameter, ``stats`` and ``bases`` are tuples with one entry per axis of
-  the parameter's (possibly merged) view: an array, or ``None`` for an axis
-  left alone.
+  the parameter's (possibly merged) view, or of its ``(fan_in, fan_out)``
+  matrix view under ``dims`` (then each entry has a leading axis, one matrix
+  per stacked layer): an array, or ``None`` for an axis left alone.
 
   Attributes:
     count: calls so far (int32); the first only initializes.
