@@ -640,6 +640,24 @@ def _spread(vals: list[float]) -> dict:
   return {"mean": float(np.mean(vals)), "half_range": float((max(vals) - min(vals)) / 2), "n": len(vals)}
 
 
+def _matched(pre: str, methods: list[str], per_seed_pts: dict, seeds: list[int]) -> dict:
+  """Per seed, the B loss every one of ``methods`` reaches, and each one's least forgetting at or below it."""
+  matched = {m: {"forgetting": [], "gap": [], "best_b": []} for m in methods}
+  levels = []
+  for s in seeds:
+    pts = per_seed_pts[s]
+    if any(not pareto(pts[m]) for m in methods):
+      continue
+    level = max(min(b for b, _ in pareto(pts[m])) for m in methods)
+    f_at = {m: min(f for b, f in pareto(pts[m]) if b <= level + 1e-9) for m in methods}
+    for m in methods:
+      matched[m]["forgetting"].append(f_at[m])
+      matched[m]["gap"].append(f_at[m] - f_at[pre])
+      matched[m]["best_b"].append(min(b for b, _ in pts[m]))
+    levels.append(level)
+  return {"level": _spread(levels), **{m: {k: _spread(v) for k, v in e.items()} for m, e in matched.items()}}
+
+
 def analyse(grid: Grid, state: dict) -> dict:
   a = grid.args
   out = {"pretrain": {}, "points": {}, "matched": {}, "sparsity": {}, "memorization": {}}
@@ -663,21 +681,10 @@ def analyse(grid: Grid, state: dict) -> dict:
                                "forgetting": float(np.mean([v[1] for v in vs])), "seeds": len(vs)}
                               for (mm, lr, st), vs in sorted(mean_pts.items()) if mm == m] for m in methods}
     # Matched learning: per seed, the B loss every method reaches; each method's least forgetting there.
-    matched = {m: {"forgetting": [], "gap": [], "best_b": []} for m in methods}
-    for s in a.seed_list:
-      pts = per_seed_pts[s]
-      if any(not pareto(pts[m]) for m in methods):
-        continue
-      level = max(min(b for b, _ in pareto(pts[m])) for m in methods)
-      f_at = {m: min(f for b, f in pareto(pts[m]) if b <= level + 1e-9) for m in methods}
-      for m in methods:
-        matched[m]["forgetting"].append(f_at[m])
-        matched[m]["gap"].append(f_at[m] - f_at[pre])
-        matched[m]["best_b"].append(min(b for b, _ in pts[m]))
-      matched.setdefault("_levels", []).append(level)
-    levels = matched.pop("_levels", [])
-    out["matched"][pre] = {"level": _spread(levels),
-                           **{m: {k: _spread(v) for k, v in e.items()} for m, e in matched.items()}}
+    # Once over every method (LoRA's reach sets the level) and once over full finetuning only.
+    out["matched"][pre] = _matched(pre, methods, per_seed_pts, a.seed_list)
+    out.setdefault("matched_full", {})[pre] = _matched(
+        pre, [m for m in methods if lora_rank(m) is None], per_seed_pts, a.seed_list)
     sp = {"pretrained": _spread([r["sparsity"]["mean"] for r in recs if r.get("sparsity")]),
           "types": {t: _spread([r["sparsity"]["types"].get(t, float("nan")) for r in recs if r.get("sparsity")])
                     for t, _ in MODULE_TYPES}, "finetuned": {}}
@@ -782,17 +789,19 @@ def summary_md(res: dict, a) -> str:
     for opt, e in res["pretrain"].items():
       lines.append(f"| {LABELS[opt]} | {e['lr']:g} | {_pm(e['a_loss'], '{:.4f}')} | {_pm(e['b_loss'], '{:.4f}')} |")
   for pre, mt in res["matched"].items():
+    full = res.get("matched_full", {}).get(pre, {})
     lines += ["", f"Finetuning the {LABELS[pre]} checkpoint. Matched learning: B loss reached by every method "
               f"{_pm(mt['level'], '{:.4f}')} (per seed: the worst of the methods' best B losses); least forgetting "
               "(rise of A loss) at or below it, its difference to finetuning with the pretraining optimizer "
-              "(negative: forgets less), and each method's best B loss; mean over seeds ± half the seed range:", "",
-              "| finetuning method | forgetting at matched B loss | minus same-optimizer | best B loss |",
-              "|---|---|---|---|"]
+              "(negative: forgets less), and each method's best B loss; then the same over full finetuning only "
+              f"(level {_pm(full.get('level'), '{:.4f}')}); mean over seeds ± half the seed range:", "",
+              "| finetuning method | forgetting at matched B loss | minus same-optimizer | best B loss | "
+              "full finetuning only: forgetting | minus same-optimizer |", "|---|---|---|---|---|---|"]
     for meth in methods_for(a, pre):
-      e = mt.get(meth, {})
+      e, f = mt.get(meth, {}), full.get(meth, {})
       tag = " (same as pretraining)" if meth == pre else ""
       lines.append(f"| {meth}{tag} | {_pm(e.get('forgetting'))} | {_pm(e.get('gap'))} | "
-                   f"{_pm(e.get('best_b'), '{:.4f}')} |")
+                   f"{_pm(e.get('best_b'), '{:.4f}')} | {_pm(f.get('forgetting'))} | {_pm(f.get('gap'))} |")
   if res["sparsity"]:
     init = [v["mean"] for v in res["sparsity_init"].values()]
     lines += ["", f"Input sparsity of the linear layers (fraction of entries with |x| <= {a.sparsity_threshold} x "
