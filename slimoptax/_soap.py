@@ -237,6 +237,9 @@ def precondition_in_eigenbasis(
   """
   _tree.check_range("beta", beta, 0.0, 1.0)
   freq = _tree.static_int("precondition_frequency", precondition_frequency, 1)
+  if dims is not None and (merge_dims or precondition_1d):
+    raise ValueError("merge_dims and precondition_1d choose the official layout's axes; with dims the matrix "
+                     "views do (pass dims=None to use them)")
   max_dim = _tree.static_int("max_precond_dim", max_precond_dim, 1)
   if refresh not in ("qr", "eigh"):
     raise ValueError(f"refresh must be 'qr' or 'eigh', got {refresh!r}")

@@ -1,20 +1,9 @@
-"""Diagonal-curvature estimators and Sophia.
+"""Sophia: a clipped diagonal-Newton step on an EMA of curvature estimates.
 
-Estimators of ``diag(H)`` (``H`` the Hessian of the loss) from one extra
-backward-like pass (`slimoptax._curvature`):
-
-* Hutchinson (`hutchinson_estimate`): ``h = u * (H u)`` with random probes
-  ``u`` (Rademacher or Gaussian), ``E[u u^T] = I`` so ``E[h] = diag(H)``. The
-  Hessian-vector product is forward-over-reverse (``jax.jvp`` of
-  ``jax.grad``). With Rademacher probes ``u_i^2 = 1``, so for a diagonal ``H``
-  one probe is exact.
-* Gauss–Newton–Bartlett (`gnb_estimate`, softmax cross-entropy models): sample
-  labels ``y_hat ~ softmax(f(theta, x))``, take ``g_hat`` the gradient of the
-  mean loss on the sampled labels and return ``B * g_hat * g_hat``. By
-  Bartlett's second identity ``E[grad l grad l^T] = E[hess l]`` under the
-  model's own distribution, so ``E[B g_hat^2] = diag`` of the Gauss–Newton
-  matrix of the mean loss (``B`` the number of averaged loss terms; the
-  cross terms vanish because labels are sampled independently). Always >= 0.
+Its curvature comes from an estimator of ``diag(H)`` (``H`` the Hessian of
+the loss), Hutchinson's ``u * (H u)`` (`hutchinson_estimate`) or
+Gauss–Newton–Bartlett's ``B * g_hat^2`` (`gnb_estimate`), both in
+`slimoptax._curvature`, where their derivations are.
 
 Sophia (`scale_by_hutchinson`, `sophia`) keeps a momentum ``m`` and an EMA
 ``h`` of the estimate refreshed every ``k`` steps, and steps by

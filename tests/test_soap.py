@@ -251,6 +251,13 @@ def test_dims_stacked_layers_equal_separate_layers():
         np.testing.assert_allclose(np.asarray(u["blocks"]["ln"]["scale"]), want, rtol=1e-9)
 
 
+def test_dims_refuses_official_layout_flags():
+  with pytest.raises(ValueError, match="merge_dims and precondition_1d"):
+    scale_by_soap(dims="slimadam", merge_dims=True)
+  with pytest.raises(ValueError, match="merge_dims and precondition_1d"):
+    soap(1e-3, dims="slimadam", precondition_1d=True)
+
+
 def test_dims_refuses_state_of_other_layout():
   params = {"blocks": {"mlp": {"up": {"kernel": jnp.zeros((2, 3, 4))}}}}
   state = scale_by_soap().init(params)  # the official layout: one (2, 2), (3, 3), (4, 4) per axis
