@@ -33,8 +33,12 @@ Three comparisons, each optimizer at its own tuned rate:
    the whole schedule compressed, at the tuned rate: does SOAP in 60% of the
    steps reach AdamW's loss?
 3. **Equal wall-clock**: each optimizer rerun for the steps that take AdamW's
-   800-step time at its measured time per step (the tuned runs' median on
-   this machine), so a slower step buys fewer steps.
+   800-step time at its time per step, so a slower step buys fewer steps. The
+   times per step are measured once, in one process, in interleaved rounds
+   (``--timing-rounds`` rounds of ``--timing-steps`` steps of every optimizer,
+   the order rotated each round, median over rounds), so other load on the
+   machine slows every optimizer alike; the runs' own timings (kept in their
+   cells) come from different moments and are not compared.
 
 Every run is a JSON file under ``<out>/cells`` (`experiments._lib.cells`);
 rerunning the same command skips them; ``--report`` writes ``summary.md``,
@@ -64,7 +68,7 @@ import slimoptax
 from experiments._lib import cells, data, model, report
 from experiments._lib.plots import pyplot, save
 from experiments._lib.schedules import lm_warmup_cosine
-from experiments._lib.train import train
+from experiments._lib.train import compiled_step, train
 
 OPTIMIZERS = ("adamw", "muon", "shampoo", "soap", "slim_soap")
 SECOND_ORDER = ("shampoo", "soap", "slim_soap")
@@ -75,6 +79,7 @@ COLORS = {"adamw": "tab:blue", "muon": "tab:red", "shampoo": "tab:green", "soap"
 PRECOND_EVERY = 10
 _RUN_KEYS = ("optimizers", "seeds", "lrs", "max_extend", "vocab_size", "max_bytes", "n_layers", "d_model", "n_heads",
              "batch_size", "steps", "warmup_fraction", "short_fraction", "eval_batches", "final_eval_batches")
+_TIMING_KEYS = ("timing_rounds", "timing_steps")  # stored in the timing cell, not in config.json
 
 
 def parse_args(argv=None):
@@ -87,6 +92,9 @@ def parse_args(argv=None):
                  help="fewer-iterations runs of the second-order methods: this fraction of --steps")
   report.lm_arguments(p, n_layers=4, d_model=96, n_heads=4, vocab_size=1024, max_bytes=None, batch_size=16,
                       steps=800, warmup_fraction=0.075, eval_batches=16, final_eval_batches=64)
+  p.add_argument("--timing-rounds", type=int, default=7, help="interleaved timing rounds (median taken)")
+  p.add_argument("--timing-steps", type=int, default=2 * PRECOND_EVERY,
+                 help="steps of each optimizer per timing round (a multiple of the refresh interval)")
   p.add_argument("--report", action="store_true", help="only write the summary of the runs done so far")
   args = p.parse_args(argv)
   if args.quick:
@@ -94,6 +102,7 @@ def parse_args(argv=None):
     args.max_bytes, args.batch_size, args.steps, args.max_extend = 1_500_000, 8, 16, 0
     args.seeds, args.lrs, args.eval_batches, args.final_eval_batches = "0", "1e-2", 2, 4
     args.optimizers = "adamw,soap,slim_soap"
+    args.timing_rounds, args.timing_steps = 2, PRECOND_EVERY
   args.optimizer_list = [x for x in args.optimizers.split(",") if x]
   args.seed_list = [int(x) for x in args.seeds.split(",") if x]
   if args.optimizer_list[:1] != ["adamw"] or any(o not in OPTIMIZERS for o in args.optimizer_list):
@@ -102,6 +111,9 @@ def parse_args(argv=None):
     p.error(f"--seeds: non-negative integers; got {args.seeds!r}")
   if not 0 < args.short_fraction <= 1 or args.steps < 10:
     p.error("--short-fraction in (0, 1], --steps >= 10")
+  if args.timing_rounds < 1 or args.timing_steps < 1 or args.timing_steps % PRECOND_EVERY:
+    p.error(f"--timing-rounds >= 1 and --timing-steps a positive multiple of {PRECOND_EVERY} (the refresh "
+            f"interval, so every round holds the same refreshes); got {args.timing_rounds}, {args.timing_steps}")
   return report.default_out(args, "soap_shampoo")
 
 
@@ -186,6 +198,42 @@ class Grid:
     report.say(f"  {cell.name}: val {final:.4f} ({r['wall_s']:.0f} s, {r['seconds_per_step'] * 1e3:.0f} ms/step)")
     return rec
 
+  def timing(self, tuned: dict[str, float], *, dry: bool) -> dict | None:
+    """Seconds per step of every tuned optimizer, measured in interleaved rounds in this process."""
+    a = self.args
+    name = f"timing_T{a.steps}"
+    done = self.cells.load(name)
+    if done is not None or dry or not tuned:  # called once every tuning is finished
+      return done
+    lm = self.lm()
+    x, y = (jax.numpy.asarray(v) for v in self.val(1)[0])
+    states = {}
+    for opt, lr in tuned.items():
+      tx = make_tx(opt, lr, a.steps, round(a.warmup_fraction * a.steps), lm.config.n_heads)
+      step, params = compiled_step(lm, tx), lm.init(0)
+      carry = (params, tx.init(params))
+      for _ in range(PRECOND_EVERY + 1):  # compile, then one refresh interval
+        carry = step(*carry, x, y, None, None)[:2]
+      jax.block_until_ready(carry)
+      states[opt] = (step, carry)
+    report.say(f"  {name}: {a.timing_rounds} interleaved rounds of {a.timing_steps} steps ...")
+    rounds = {opt: [] for opt in tuned}
+    order = list(tuned)
+    for r in range(a.timing_rounds):
+      for opt in order[r % len(order):] + order[:r % len(order)]:
+        step, carry = states[opt]
+        t0 = time.perf_counter()
+        for _ in range(a.timing_steps):
+          carry = step(*carry, x, y, None, None)[:2]
+        jax.block_until_ready(carry)
+        rounds[opt].append((time.perf_counter() - t0) / a.timing_steps)
+        states[opt] = (step, carry)
+    rec = {"seconds_per_step": {o: float(np.median(v)) for o, v in rounds.items()}, "rounds": rounds,
+           "tuned_lr": tuned, **{k: getattr(a, k) for k in _TIMING_KEYS}, "machine": report.machine()}
+    self.cells.store(name, rec)
+    report.say("  " + name + ": " + ", ".join(f"{o} {1e3 * v:.0f} ms" for o, v in rec["seconds_per_step"].items()))
+    return rec
+
   def walk(self, *, dry: bool) -> dict:
     a = self.args
     tuned, tuning, runs = {}, {}, {}
@@ -200,19 +248,14 @@ class Grid:
     for opt in a.optimizer_list:  # 2. fewer iterations
       if opt in SECOND_ORDER and tuned.get(opt) is not None:
         runs[("short", opt)] = {s: self.run(Cell(opt, tuned[opt], s, short, "short"), dry=dry) for s in a.seed_list}
-    sps = {opt: seconds_per_step(runs.get(("steps", opt))) for opt in a.optimizer_list}
+    timing = self.timing({o: tuned[o] for o in a.optimizer_list if tuned.get(o) is not None}, dry=dry)
+    sps = {opt: None if timing is None else timing["seconds_per_step"].get(opt) for opt in a.optimizer_list}
     for opt in a.optimizer_list[1:]:  # 3. equal wall-clock (needs every tuned run's timing)
       if tuned.get(opt) is not None and sps.get("adamw") and sps.get(opt):
         n = max(10, round(a.steps * sps["adamw"] / sps[opt]))
         runs[("wallclock", opt)] = {s: self.run(Cell(opt, tuned[opt], s, n, "wallclock"), dry=dry)
                                     for s in a.seed_list}
     return {"tuned": tuned, "tuning": tuning, "runs": runs, "seconds_per_step": sps, "short_steps": short}
-
-
-def seconds_per_step(per_seed: dict | None) -> float | None:
-  if not per_seed or any(r is None for r in per_seed.values()):
-    return None
-  return float(np.median([r["seconds_per_step"] for r in per_seed.values()]))
 
 
 # -----------------------------------------------------------------------------
@@ -285,7 +328,8 @@ def summary_md(res: dict, args) -> str:
       sps = res["seconds_per_step"].get(opt)
       lines.append(f"| {LABELS[opt]} | {e['steps']} | {'—' if sps is None else f'{sps:.3f}'} | "
                    f"{_pm(e['loss'], '{:.4f}')} | {_pm(e.get('gap_to_adamw'))} | {e['opt_state_bytes']:,} |")
-  lines += ["", "Losses: mean over seeds ± half the seed-to-seed range; gaps paired by seed.",
+  lines += ["", "Losses: mean over seeds ± half the seed-to-seed range; gaps paired by seed. s/step: the "
+            "interleaved timing (every optimizer in the same rounds of one process, median over rounds).",
             f"Training time of the runs: {res['wall_s_of_runs'] / 60:.1f} min."]
   return "\n".join(lines) + "\n"
 

@@ -71,3 +71,26 @@ def test_check_config_refuses_other_settings_by_flag(tmp_path):
   A.steps = 2400
   with pytest.raises(SystemExit, match=r"--steps 800 there, 2400 now"):
     cells.check_config(A, tmp_path, ("steps", "lrs"))
+
+
+def test_soap_shampoo_wall_clock_steps_come_from_the_interleaved_timing(tmp_path, monkeypatch):
+  # Equal wall-clock: each optimizer gets steps * t_adamw / t_opt steps, with both times from the one timing cell
+  # (not from the tuning runs, which ran at other moments under other load).
+  from experiments import soap_shampoo as ss
+  args = ss.parse_args(["--optimizers", "adamw,soap", "--seeds", "0", "--lrs", "1e-3,2e-3,4e-3",
+                        "--max-extend", "0", "--out", str(tmp_path)])
+  grid, requested = ss.Grid(args, tmp_path), []
+
+  def fake_run(cell, *, dry):
+    requested.append(cell)
+    return {"diverged": False, "final_val_loss": abs(math.log2(cell.lr / 2e-3)) + 3.0, "steps": cell.steps,
+            "seconds_per_step": 99.0, "opt_state_bytes": 1, "val_curve": [], "wall_s": 1.0}
+  monkeypatch.setattr(grid, "run", fake_run)
+  monkeypatch.setattr(grid, "timing", lambda tuned, dry: {"seconds_per_step": {"adamw": 0.1, "soap": 0.25}})
+  state = grid.walk(dry=False)
+  assert state["tuned"] == {"adamw": 2e-3, "soap": 2e-3}
+  wall = [c for c in requested if c.kind == "wallclock"]
+  assert [(c.optimizer, c.steps) for c in wall] == [("soap", round(args.steps * 0.1 / 0.25))]
+  assert state["seconds_per_step"] == {"adamw": 0.1, "soap": 0.25}
+  with pytest.raises(SystemExit):
+    ss.parse_args(["--timing-steps", "15"])  # not a multiple of the refresh interval
