@@ -927,26 +927,9 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   out, t_start = report.start(args.out)
-  cells.check_config(args, out, _RUN_KEYS)
   grid = Grid(args, out)
-  if args.report:
-    write_report(grid, grid.walk(dry=True))
-    report.say((out / "summary.md").read_text())
-    return 0
-  lock = cells.take_lock(out)
-  command = " ".join(["python -m experiments.optimizer_consistency", *argv])
-  try:
-    report.say(f"optimizer_consistency: grid in {out} (finished runs are kept; rerun the same command to resume)")
-    grid.walk(dry=False)
-  finally:
-    with open(out / "invocations.jsonl", "a") as f:
-      f.write(json.dumps({"command": command, "wall_s": time.perf_counter() - t_start,
-                          "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-    lock.unlink(missing_ok=True)
-  write_report(grid, grid.walk(dry=True))
-  report.say((out / "summary.md").read_text())
-  report.say(f"wall time of this invocation {(time.perf_counter() - t_start) / 60:.1f} min; wrote {out}")
-  return 0
+  return cells.run_grid("optimizer_consistency", args, out, _RUN_KEYS, grid.walk, lambda state: write_report(grid, state),
+                        argv=argv, t_start=t_start)
 
 
 if __name__ == "__main__":

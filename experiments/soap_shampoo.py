@@ -367,21 +367,12 @@ def write_report(grid: Grid, state: dict) -> None:
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   out, t_start = report.start(args.out)
-  cells.check_config(args, out, _RUN_KEYS)
   grid = Grid(args, out)
-  if not args.report:
-    lock = cells.take_lock(out)
-    try:
-      report.say(f"soap_shampoo: grid in {out} (finished runs are kept; rerun the same command to resume)")
-      grid.walk(dry=False)
-    finally:
-      lock.unlink(missing_ok=True)
-  write_report(grid, grid.walk(dry=True))
-  report.say((out / "summary.md").read_text())
-  report.say(f"wall time of this invocation {(time.perf_counter() - t_start) / 60:.1f} min; wrote {out}")
-  return 0
+  return cells.run_grid("soap_shampoo", args, out, _RUN_KEYS, grid.walk, lambda state: write_report(grid, state),
+                        argv=argv, t_start=t_start)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ import math
 import os
 import pathlib
 import sys
-import time
 
 import jax
 import numpy as np
@@ -415,24 +414,12 @@ def plot_gaps(table: dict, args, path) -> None:
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   out, t_start = report.start(args.out)
-  cells.check_config(args, out, _RUN_KEYS)
   grid = Grid(args, out)
-  if args.report:
-    write_report(grid, grid.walk(dry=True))
-    report.say((out / "summary.md").read_text())
-    return 0
-  lock = cells.take_lock(out)
-  try:
-    report.say(f"training_length: grid in {out} (finished runs are kept; rerun the same command to resume)")
-    state = grid.walk(dry=False)
-    write_report(grid, state)
-  finally:
-    lock.unlink(missing_ok=True)
-  report.say((out / "summary.md").read_text())
-  report.say(f"wall time of this invocation {(time.perf_counter() - t_start) / 60:.1f} min; wrote {out}")
-  return 0
+  return cells.run_grid("training_length", args, out, _RUN_KEYS, grid.walk, lambda state: write_report(grid, state),
+                        argv=argv, t_start=t_start)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,27 @@ def test_soap_shampoo_wall_clock_steps_come_from_the_interleaved_timing(tmp_path
   assert state["seconds_per_step"] == {"adamw": 0.1, "soap": 0.25}
   with pytest.raises(SystemExit):
     ss.parse_args(["--timing-steps", "15"])  # not a multiple of the refresh interval
+
+
+def test_run_grid_trains_under_the_lock_then_reports_and_report_only_trains_nothing(tmp_path):
+  import argparse
+  import time
+  calls = []
+
+  def walk(*, dry):
+    calls.append((dry, (tmp_path / "run.lock").exists()))
+    return {"dry": dry}
+
+  def write_report(state):
+    (tmp_path / "summary.md").write_text(f"state {state}")
+  for report_only in (False, True):
+    args = argparse.Namespace(report=report_only, steps=10)
+    assert cells.run_grid("x", args, tmp_path, ["steps"], walk, write_report, argv=["--steps", "10"],
+                          t_start=time.perf_counter()) == 0
+  assert calls == [(False, True), (True, False), (True, False)]  # trained holding the lock; --report did not train
+  assert not (tmp_path / "run.lock").exists() and (tmp_path / "summary.md").read_text() == "state {'dry': True}"
+  logged = [json.loads(line) for line in (tmp_path / "invocations.jsonl").read_text().splitlines()]
+  assert [r["command"] for r in logged] == ["python -m experiments.x --steps 10"]
+  with pytest.raises(SystemExit, match="--steps 10 there, 20 now"):
+    cells.run_grid("x", argparse.Namespace(report=True, steps=20), tmp_path, ["steps"], walk, write_report,
+                   argv=[], t_start=0.0)

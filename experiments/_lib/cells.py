@@ -4,9 +4,10 @@ An experiment stores every finished run ("cell") as ``<out>/cells/<name>.json``,
 written atomically (`CellStore`), so an interrupted grid resumes where it
 stopped and a rerun skips what is done. One process trains an output folder at
 a time (`take_lock`), and a grid is only resumed with the settings it was
-started with (`check_config`). `tune_lr` is the learning-rate search the
-experiments share: a grid extended by a factor 2 while the best rate (on the
-mean over seeds) sits at an edge.
+started with (`check_config`). `run_grid` is the ``main`` they share: check
+the settings, train under the lock, log the invocation, write the report.
+`tune_lr` is the learning-rate search the experiments share: a grid extended
+by a factor 2 while the best rate (on the mean over seeds) sits at an edge.
 """
 
 from __future__ import annotations
@@ -98,6 +99,41 @@ def check_config(args, out: pathlib.Path, keys: Sequence[str]) -> None:
                + "); use the same flags to resume it or another --out")
   else:
     path.write_text(json.dumps(mine, indent=1))
+
+
+def run_grid(experiment: str, args, out: pathlib.Path, keys: Sequence[str], walk: Callable[..., dict],
+             write_report: Callable[[dict], None], *, argv: Sequence[str], t_start: float) -> int:
+  """An experiment's ``main``: train the missing cells under the lock (unless ``args.report``), then report.
+
+  Args:
+    experiment: the module name under ``experiments`` (for the logs).
+    args: the parsed flags; ``args.report`` only rebuilds the report from the stored cells.
+    out: the output folder (cells, lock, ``config.json``, ``invocations.jsonl``, the report).
+    keys: the flags a resumed grid must share with the one that started it (`check_config`).
+    walk: ``walk(dry=...)``: trains the missing cells (``dry=False``) or only gathers the stored ones.
+    write_report: writes ``summary.md`` and the rest from the gathered state.
+    argv: the command line, recorded with each training invocation's wall time.
+    t_start: when the invocation started (``time.perf_counter()``).
+
+  Returns:
+    0 (the exit status).
+  """
+  check_config(args, out, keys)
+  if not args.report:
+    lock = take_lock(out)
+    try:
+      report.say(f"{experiment}: grid in {out} (finished runs are kept; rerun the same command to resume)")
+      walk(dry=False)
+    finally:
+      with open(pathlib.Path(out) / "invocations.jsonl", "a") as f:
+        f.write(json.dumps({"command": " ".join([f"python -m experiments.{experiment}", *argv]),
+                            "wall_s": time.perf_counter() - t_start,
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+      lock.unlink(missing_ok=True)
+  write_report(walk(dry=True))
+  report.say((pathlib.Path(out) / "summary.md").read_text())
+  report.say(f"wall time of this invocation {(time.perf_counter() - t_start) / 60:.1f} min; wrote {out}")
+  return 0
 
 
 def tune_lr(run: Callable[[float, int], dict | None], lrs: Iterable[float], seeds: Sequence[int], *,
