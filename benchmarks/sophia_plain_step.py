@@ -10,8 +10,19 @@ parameter-sized ``copy`` instructions of each compiled step (XLA's HLO after
 optimization). The objective is ``sum(tanh(x W))`` per matrix: the refresh
 branch only has to exist, it never runs in the timed steps.
 
+With ``--arrangements`` it times, instead, one matrix's plain step written out
+in ``jax.numpy`` in four arrangements (no library code), to show what the
+ordering costs on this backend: ``official`` (the direction reads the old ``h``
+after the conditional), ``official, direction first`` (the direction computed
+before the conditional and passed through it, as `slimoptax.sophia` does: XLA
+copies nothing but keeps the direction as a temporary across the conditional),
+``fresh`` (the direction reads the conditional's ``h``) and AdamW; it prints the
+parameter-sized copies and the temporary bytes of each compiled step
+(``memory_analysis``).
+
 Usage:
   python benchmarks/sophia_plain_step.py [--layers 4] [--shape 1024,2048] [--repeats 9]
+  python benchmarks/sophia_plain_step.py --arrangements [--shape 1024,2048] [--repeats 9]
 """
 
 from __future__ import annotations
@@ -33,8 +44,12 @@ def main():
   ap.add_argument("--layers", type=int, default=4, help="number of matrices")
   ap.add_argument("--shape", default="1024,2048", help="shape of each matrix")
   ap.add_argument("--repeats", type=int, default=9)
+  ap.add_argument("--arrangements", action="store_true",
+                  help="time one matrix's plain step in four arrangements written in jax.numpy")
   a = ap.parse_args()
   shape = tuple(int(s) for s in a.shape.split(","))
+  if a.arrangements:
+    return arrangements(shape, a.repeats)
   params = {f"l{i}": {"kernel": jnp.full(shape, 0.01)} for i in range(a.layers)}
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
   x = jnp.ones((4, shape[0]))
@@ -46,9 +61,9 @@ def main():
           "optax.contrib.sophia": (optax.contrib.sophia(1e-3), True),
           "slimoptax.sophia": (slimoptax.sophia(1e-3), True),
           "slimoptax.sophia(fresh_estimate=True)": (slimoptax.sophia(1e-3, fresh_estimate=True), True),
-          "slimoptax.sophia(track_win_rate=False)": (slimoptax.sophia(1e-3, track_win_rate=False), True),
-          "slimoptax.sophia(fresh_estimate=True, track_win_rate=False)": (
-              slimoptax.sophia(1e-3, fresh_estimate=True, track_win_rate=False), True)}
+          "slimoptax.sophia(track_win_rate=True)": (slimoptax.sophia(1e-3, track_win_rate=True), True),
+          "slimoptax.sophia(fresh_estimate=True, track_win_rate=True)": (
+              slimoptax.sophia(1e-3, fresh_estimate=True, track_win_rate=True), True)}
   live, copies = {}, {}
   for name, (tx, sophia) in rows.items():
     def step(p, s, g, tx=tx, sophia=sophia):
@@ -58,8 +73,7 @@ def main():
     s = tx.init(p)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, s, grads).compile()
     text = compiled.as_text()
-    entry = text[text.index("ENTRY"):]
-    copies[name] = entry.count(f"f32[{','.join(map(str, shape))}]{{1,0}} copy(")
+    copies[name] = text.count(f"f32[{','.join(map(str, shape))}]{{1,0}} copy(")  # in every computation
     p, s = compiled(p, s, grads)  # count 0: the refresh; every later timed step is a plain one
     jax.block_until_ready(p)
     live[name] = [compiled, p, s]
@@ -80,6 +94,65 @@ def main():
   for name, ts in times.items():
     med = statistics.median(ts)
     print(f"{name:62s} {med * 1e3:8.1f}ms {med / base:7.2f} {copies[name]:19d}")
+
+
+def arrangements(shape: tuple[int, int], repeats: int) -> None:
+  """One matrix, ``(w, h, m)`` donated; b1 0.9, b2 0.99, clip 1, refresh every 10 steps (none timed)."""
+  x = jnp.ones((4, shape[0]))
+
+  def estimate(w):  # a Hutchinson-style product: u * (H u) with u = w
+    return w * jax.jvp(jax.grad(lambda v: jnp.sum(jnp.tanh(x @ v))), (w,), (w,))[1]
+
+  def direction(m, h):
+    return jnp.clip(m / jnp.maximum(h, 1e-12), -1.0, 1.0)
+
+  def official(w, h, m, g, count):
+    new_h = jax.lax.cond(count % 10 == 0, lambda w, h: 0.99 * h + 0.01 * estimate(w), lambda w, h: h, w, h)
+    m = 0.9 * m + 0.1 * g
+    return w - 1e-3 * direction(m, h), new_h, m
+
+  def official_direction_first(w, h, m, g, count):
+    m = 0.9 * m + 0.1 * g
+    u = direction(m, h)
+    new_h, u = jax.lax.cond(count % 10 == 0, lambda h, u, w: (0.99 * h + 0.01 * estimate(w), u),
+                            lambda h, u, w: (h, jax.lax.optimization_barrier(u)), h, u, w)
+    return w - 1e-3 * u, new_h, m
+
+  def fresh(w, h, m, g, count):
+    new_h = jax.lax.cond(count % 10 == 0, lambda w, h: 0.99 * h + 0.01 * estimate(w), lambda w, h: h, w, h)
+    m = 0.9 * m + 0.1 * g
+    return w - 1e-3 * direction(m, new_h), new_h, m
+
+  def adamw(w, v, m, g, count):
+    m, v = 0.9 * m + 0.1 * g, 0.99 * v + 0.01 * g * g
+    return w - 1e-3 * (m / (jnp.sqrt(v) + 1e-8) + 0.1 * w), v, m
+
+  rows = {"official (as optax)": official, "official, direction first": official_direction_first,
+          "fresh (Algorithm 3)": fresh, "AdamW": adamw}
+  g, count = jnp.full(shape, 1e-3), jnp.int32(1)
+  live, info, times = {}, {}, {name: [] for name in rows}
+  for name, fn in rows.items():
+    state = [jnp.full(shape, v) for v in (0.01, 1.0, 0.0)]
+    compiled = jax.jit(fn, donate_argnums=(0, 1, 2)).lower(*state, g, count).compile()
+    text = compiled.as_text()
+    info[name] = (text.count(f"f32[{shape[0]},{shape[1]}]{{1,0}} copy("),  # in every computation
+                  compiled.memory_analysis().temp_size_in_bytes)
+    live[name] = [compiled, list(compiled(*state, g, count))]
+  for _ in range(repeats):
+    for name in rows:
+      compiled, state = live[name]
+      t = time.perf_counter()
+      state = list(compiled(*state, g, count))
+      jax.block_until_ready(state)
+      times[name].append(time.perf_counter() - t)
+      live[name][1] = state
+  base = statistics.median(times["AdamW"])
+  print(f"one {shape} matrix; {platform.machine()}, {jax.devices()[0].platform}, jax {jax.__version__}; "
+        f"median of {repeats} plain steps")
+  print(f"{'arrangement':26s} {'median':>10s} {'ratio':>7s} {'copies':>7s} {'temporaries':>12s}")
+  for name, ts in times.items():
+    med = statistics.median(ts)
+    print(f"{name:26s} {med * 1e3:8.2f}ms {med / base:7.2f} {info[name][0]:7d} {info[name][1] / 2**20:9.1f} MiB")
 
 
 if __name__ == "__main__":

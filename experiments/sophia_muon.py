@@ -83,9 +83,9 @@ def build_tx(name: str, hp: dict) -> optax.GradientTransformationExtraArgs:
                         adam_learning_rate=warmup_cosine(hp["adam_lr"], hp["steps"], hp["warmup"]),
                         adam_b1=0.9, adam_b2=0.95, adam_weight_decay=0.1)
   elif name == "Sophia-H":
-    tx = slimoptax.sophia(sched, estimator="hutchinson")
+    tx = slimoptax.sophia(sched, estimator="hutchinson", track_win_rate=True)
   elif name == "Sophia-G":
-    tx = slimoptax.sophia(sched, estimator="gnb")
+    tx = slimoptax.sophia(sched, estimator="gnb", track_win_rate=True)
   else:
     raise ValueError(name)
   return optax.with_extra_args_support(optax.chain(optax.clip_by_global_norm(1.0), tx))

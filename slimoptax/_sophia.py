@@ -72,7 +72,7 @@ class ScaleByHutchinsonState(NamedTuple):
       `scale_by_hutchinson`).
     win_rate: fraction of coordinates whose last update was *not* clipped,
       ``|m / max(gamma h, eps)| < clip_threshold`` (float32 scalar; the paper
-      suggests it stays between 0.1 and 0.5); NaN with ``track_win_rate=False``.
+      suggests it stays between 0.1 and 0.5); NaN unless ``track_win_rate=True``.
   """
 
   count: chex.Array
@@ -86,11 +86,12 @@ def sophia_win_rate(opt_state: Any) -> jax.Array:
   """The ``win_rate`` of the (first) `ScaleByHutchinsonState` inside ``opt_state``.
 
   Works on a bare state, a chain / partition / masked state (e.g. `sophia`'s).
+  NaN unless the transformation counts it (``track_win_rate=True``).
 
   Example:
     >>> import jax.numpy as jnp, slimoptax
     >>> params = {"w": jnp.array([1.0, -2.0])}
-    >>> tx = slimoptax.sophia(1e-2)
+    >>> tx = slimoptax.sophia(1e-2, track_win_rate=True)
     >>> state = tx.init(params)
     >>> loss = lambda p: jnp.sum(p["w"] ** 2)
     >>> _, state = tx.update({"w": jnp.array([2.0, -4.0])}, state, params, obj_fn=loss)
@@ -126,7 +127,7 @@ def scale_by_hutchinson(
     gnb_batch_size: int | None = None,
     bias_correction: bool = False,
     fresh_estimate: bool = False,
-    track_win_rate: bool = True,
+    track_win_rate: bool = False,
     mu_dtype: Any = None,
     h_dtype: Any = None,
     num_heads: int | None = None,
@@ -194,12 +195,12 @@ def scale_by_hutchinson(
       does; the paper and the official code do not).
     fresh_estimate: use step ``t``'s refreshed ``h`` in step ``t`` (Algorithm 3)
       instead of from step ``t + 1`` on (official code, optax).
-    track_win_rate: count the unclipped coordinates every step (``win_rate``).
-      A reduction over every parameter, which XLA's CPU backend runs as an
-      extra pass (with the ratio written out for it): ``False`` leaves
-      ``win_rate`` NaN and the step without it (as `optax.contrib.sophia`
-      without ``verbose``). See docs/benchmarks.md, "Sophia's step without a
-      refresh".
+    track_win_rate: count the unclipped coordinates every step into
+      ``win_rate`` (`sophia_win_rate`). Off by default, as
+      `optax.contrib.sophia` without ``verbose``: the count is a reduction
+      over every parameter, which XLA's CPU backend runs as extra passes
+      (docs/benchmarks.md, "Sophia's step without a refresh"); ``win_rate``
+      is then NaN.
     mu_dtype: momentum dtype (default: the parameters').
     h_dtype: dtype of ``h`` (default: the parameters').
     num_heads, num_kv_heads, torch_layout: head counts and layout for presets (`slimoptax.scale_by_slim_adam`).
@@ -298,15 +299,13 @@ def scale_by_hutchinson(
       est = _tree.leaves_like(updates, estimate(params, sub, extra_args), what="curvature estimate")
       return key, [_curvature_ema(h, e, a, b2) for h, e, a in zip(h_leaves, est, axes)]
 
-    # The refresh reads only the state's key and h: with ``fresh_estimate`` the
-    # step uses its result, otherwise the next step does.
     do_refresh = jnp.equal(state.count % update_every, 0)
-    key, new_h = jax.lax.cond(do_refresh, refresh, lambda key, h: (key, h), state.key, h_leaves)
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     count_inc = optax.safe_increment(state.count)
     mu_hat = mu
     if bias_correction:
       mu_hat = optax.tree.bias_correction(mu, jnp.asarray(b1, jnp.float32), count_inc)
+    mu_hat_leaves = jax.tree_util.tree_leaves(mu_hat)
 
     def direction(_, g, m_hat, h, h_next, a):
       ratio = slim_adam.divide_in_view(m_hat, jnp.maximum(gamma * h, eps), a)
@@ -315,9 +314,33 @@ def scale_by_hutchinson(
       u = jnp.clip(ratio, -clip_threshold, clip_threshold).astype(g.dtype)
       return slim_adam.skip_nonfinite_groups(h_next, a, u, 0.0), not_clipped  # group skips
 
-    u, not_clipped = _tree.map_update(
-        direction, updates, names=[], num_outputs=2,
-        extra=[jax.tree_util.tree_leaves(mu_hat), new_h if fresh_estimate else h_leaves, new_h, axes])
+    def directions(h_leaves, h_next):
+      return _tree.map_update(direction, updates, names=[], num_outputs=2,
+                              extra=[mu_hat_leaves, h_leaves, h_next, axes])
+
+    if fresh_estimate:
+      # The refresh reads only the state's key and h, and the step reads its result.
+      key, new_h = jax.lax.cond(do_refresh, refresh, lambda key, h: (key, h), state.key, h_leaves)
+      u, not_clipped = directions(new_h, new_h)
+    else:
+      # The step reads the h of before the refresh. Read after a conditional that may overwrite h, it
+      # would keep two h alive across it, and XLA would copy h and the parameters on every step
+      # (benchmarks/sophia_plain_step.py). So the direction is computed first and passed through the
+      # conditional (a barrier keeps XLA from hoisting the plain branch's copy of it out): the
+      # conditional then refreshes h in place, and the parameters are updated after it.
+      raw, not_clipped = directions(h_leaves, h_leaves)
+      raw_leaves = jax.tree_util.tree_leaves(raw)
+
+      def with_refresh(key, h_leaves, raw_leaves):
+        key, cand = refresh(key, h_leaves)
+        return key, cand, [slim_adam.skip_nonfinite_groups(c, a, r, 0.0)
+                           for c, a, r in zip(cand, axes, raw_leaves)]
+
+      def without(key, h_leaves, raw_leaves):
+        return key, h_leaves, jax.lax.optimization_barrier(raw_leaves)
+
+      key, new_h, u_leaves = jax.lax.cond(do_refresh, with_refresh, without, state.key, h_leaves, raw_leaves)
+      u = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(raw), u_leaves)
     skip = lambda new, old: [slim_adam.skip_nonfinite_groups(*x) for x in zip(new_h, axes, new, old)]
     mu = jax.tree_util.tree_unflatten(treedef, skip(jax.tree_util.tree_leaves(mu),
                                                     jax.tree_util.tree_leaves(state.mu)))
@@ -353,7 +376,7 @@ def sophia(
     gnb_batch_size: int | None = None,
     bias_correction: bool = False,
     fresh_estimate: bool = False,
-    track_win_rate: bool = True,
+    track_win_rate: bool = False,
     mu_dtype: Any = None,
     h_dtype: Any = None,
     num_heads: int | None = None,
@@ -398,7 +421,7 @@ def sophia(
     gnb_batch_size: ``B`` of the GNB estimator.
     bias_correction: bias-correct ``m`` (as optax).
     fresh_estimate: Algorithm 3's ordering, see `scale_by_hutchinson`.
-    track_win_rate: count the unclipped coordinates, see `scale_by_hutchinson`.
+    track_win_rate: count the unclipped coordinates (off by default), see `scale_by_hutchinson`.
     mu_dtype: momentum dtype.
     h_dtype: curvature EMA dtype.
     num_heads, num_kv_heads, torch_layout: head counts and layout for presets (`slimoptax.scale_by_slim_adam`).
@@ -417,7 +440,7 @@ def sophia(
     >>> import jax, jax.numpy as jnp, optax, slimoptax
     >>> params = {"w": jnp.array([2.0, -1.0, 0.5])}
     >>> loss = lambda p: jnp.sum(jnp.array([1.0, 4.0, 0.25]) * p["w"] ** 2)
-    >>> tx = slimoptax.sophia(1.0, gamma=1.0, weight_decay=0.0, update_every=2)
+    >>> tx = slimoptax.sophia(1.0, gamma=1.0, weight_decay=0.0, update_every=2, track_win_rate=True)
     >>> state, start = tx.init(params), loss(params)
     >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, obj_fn=loss))
     >>> for _ in range(30):

@@ -413,9 +413,10 @@ def _max_diff(a, b) -> float:
 
 def _bitwise_equal(a, b) -> bool:
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  # The bytes, so that a NaN (e.g. Sophia's win rate when it is not tracked) equals itself.
   return len(la) == len(lb) and all(
-      np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
-      for x, y in zip(la, lb))
+      np.asarray(x).dtype == np.asarray(y).dtype and np.asarray(x).shape == np.asarray(y).shape
+      and np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
 
 
 STEPS, CKPT_STEP = 4, 2

@@ -247,7 +247,7 @@ def test_sophia_matches_optax_contrib_sophia():
   # from jax.random.PRNGKey(0) split the same way. gamma=0.5 leaves part of the coordinates
   # unclipped, so the curvature values matter.
   ours = slimoptax.sophia(0.05, gamma=0.5, eps=1e-8, weight_decay=1e-4, weight_decay_mask=all_true,
-                          bias_correction=True, update_every=3, seed=0)
+                          bias_correction=True, update_every=3, seed=0, track_win_rate=True)
   ref = optax.contrib.sophia(0.05, gamma=0.5, weight_decay=1e-4, update_interval=3)
   p_ours, s_ours, _ = _run(ours, params, loss, 10)
   p_ref, s_ref, _ = _run(ref, params, loss, 10)
@@ -259,15 +259,15 @@ def test_sophia_matches_optax_contrib_sophia():
 
 def test_win_rate_is_the_fraction_not_clipped():
   params, loss, _ = _logreg()
-  tx = slimoptax.scale_by_hutchinson(gamma=0.5, update_every=5)
+  tx = slimoptax.scale_by_hutchinson(gamma=0.5, update_every=5, track_win_rate=True)
   _, state, u = _run(tx, params, loss, 3)  # refreshed at step 1 only: h is what step 3 used
   ratios = jax.tree.map(lambda m, h: m / jnp.maximum(0.5 * h, 1e-12), state.mu, state.h)
   not_clipped = sum(int(jnp.sum(jnp.abs(r) < 1.0)) for r in jax.tree.leaves(ratios))
   assert float(state.win_rate) == pytest.approx(not_clipped / 35)
   _tree_close(u, jax.tree.map(lambda r: jnp.clip(r, -1, 1), ratios), atol=1e-6)
   assert slimoptax.sophia_win_rate(optax.chain(tx, optax.scale(-1.0)).init(params)) == 0.0
-  # Without the count: the same updates and state, win_rate NaN.
-  off = slimoptax.scale_by_hutchinson(gamma=0.5, update_every=5, track_win_rate=False)
+  # Without the count (the default): the same updates and state, win_rate NaN.
+  off = slimoptax.scale_by_hutchinson(gamma=0.5, update_every=5)
   _, state_off, u_off = _run(off, params, loss, 3)
   _tree_close(u_off, u, atol=0)
   _tree_close((state_off.mu, state_off.h), (state.mu, state.h), atol=0)
@@ -325,7 +325,7 @@ def test_negative_curvature_gives_bounded_descent_steps():
   params = {"x": jnp.array([1.0, -0.5]), "y": jnp.array([0.3, -0.2])}
   f = lambda p: jnp.sum(p["x"] ** 2) - 1.5 * jnp.sum(p["y"] ** 2) + 0.1 * jnp.sum(p["x"] + p["y"])
   lr = 0.01
-  tx = slimoptax.sophia(lr, weight_decay=0.0, update_every=1, fresh_estimate=True)
+  tx = slimoptax.sophia(lr, weight_decay=0.0, update_every=1, fresh_estimate=True, track_win_rate=True)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, obj_fn=f))
   p, s = params, tx.init(params)
   for _ in range(5):
@@ -427,7 +427,7 @@ def _blobs(t, n=64):
 def test_sophia_h_trains_nnx_mlp():
   graphdef, params = nnx.split(_MLP(nnx.Rngs(0)), nnx.Param)
   params = nnx.as_pure(params)
-  tx = slimoptax.sophia(1e-2, update_every=2)
+  tx = slimoptax.sophia(1e-2, update_every=2, track_win_rate=True)
 
   def loss_fn(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(x), y).mean()
