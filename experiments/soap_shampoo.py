@@ -293,7 +293,10 @@ def analyse(state: dict, args) -> dict:
   known += [r for per in runs.values() for r in per.values()]
   res["runs_done"] = sum(r is not None for r in known)
   res["complete"] = all(r is not None for r in known) and all(v is not None for v in state["tuned"].values()) \
-      and all(("steps", o) in runs for o in args.optimizer_list)
+      and all(("steps", o) in runs for o in args.optimizer_list) \
+      and all(v is not None for v in state["seconds_per_step"].values()) \
+      and all(("wallclock", o) in runs for o in args.optimizer_list[1:]) \
+      and all(("short", o) in runs for o in args.optimizer_list if o in SECOND_ORDER)
   res["wall_s_of_runs"] = sum(r["wall_s"] for r in {id(r): r for r in known if r}.values())
   return res
 

@@ -118,3 +118,18 @@ def test_run_grid_trains_under_the_lock_then_reports_and_report_only_trains_noth
   with pytest.raises(SystemExit, match="--steps 10 there, 20 now"):
     cells.run_grid("x", argparse.Namespace(report=True, steps=20), tmp_path, ["steps"], walk, write_report,
                    argv=[], t_start=0.0)
+
+
+def test_soap_shampoo_is_complete_only_with_the_timing_and_every_comparison(tmp_path, monkeypatch):
+  from experiments import soap_shampoo as ss
+  args = ss.parse_args(["--optimizers", "adamw,soap", "--seeds", "0", "--lrs", "1e-3,2e-3,4e-3",
+                        "--max-extend", "0", "--out", str(tmp_path)])
+  grid = ss.Grid(args, tmp_path)
+  monkeypatch.setattr(grid, "run", lambda cell, *, dry: {
+      "diverged": False, "final_val_loss": abs(math.log2(cell.lr / 2e-3)) + 3.0, "steps": cell.steps,
+      "seconds_per_step": 1.0, "opt_state_bytes": 1, "val_curve": [], "wall_s": 1.0})
+  monkeypatch.setattr(grid, "timing", lambda tuned, dry: None)  # not measured yet
+  assert not ss.analyse(grid.walk(dry=True), args)["complete"]
+  monkeypatch.setattr(grid, "timing", lambda tuned, dry: {"seconds_per_step": {"adamw": 0.1, "soap": 0.2}})
+  res = ss.analyse(grid.walk(dry=True), args)
+  assert res["complete"] and res["comparisons"]["wallclock"]["soap"]["steps"] == round(args.steps / 2)
