@@ -3,10 +3,11 @@
 Times one jitted, donated ``update`` + ``apply_updates`` step that does *not*
 refresh the curvature (the count is kept off multiples of ``update_every``),
 for ``optax.adamw``, ``optax.contrib.sophia``, ``slimoptax.sophia`` (its
-default ordering: step ``t`` uses the ``h`` of before the refresh, as optax)
-and ``slimoptax.sophia(fresh_estimate=True)`` (Algorithm 3's ordering: the
-refreshed ``h`` is used at once), interleaved over the repeats, and counts the
-parameter-sized ``copy`` instructions of each compiled step (XLA's HLO after
+default ordering: step ``t`` uses the ``h`` of before the refresh, as optax),
+``slimoptax.sophia(fresh_estimate=True)`` (Algorithm 3's ordering: the
+refreshed ``h`` is used at once) and both with ``track_win_rate=True``,
+interleaved over the repeats, and counts the parameter-sized ``copy``
+instructions in every computation of each compiled step (XLA's HLO after
 optimization). The objective is ``sum(tanh(x W))`` per matrix: the refresh
 branch only has to exist, it never runs in the timed steps.
 
