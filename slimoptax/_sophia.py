@@ -72,21 +72,23 @@ class ScaleByHutchinsonState(NamedTuple):
       `scale_by_hutchinson`).
     win_rate: fraction of coordinates whose last update was *not* clipped,
       ``|m / max(gamma h, eps)| < clip_threshold`` (float32 scalar; the paper
-      suggests it stays between 0.1 and 0.5); NaN unless ``track_win_rate=True``.
+      suggests it stays between 0.1 and 0.5); ``None`` unless the
+      transformation counts it (``track_win_rate=True``).
   """
 
   count: chex.Array
   key: chex.Array
   mu: optax.Updates
   h: optax.Updates
-  win_rate: chex.Array
+  win_rate: chex.Array | None
 
 
 def sophia_win_rate(opt_state: Any) -> jax.Array:
   """The ``win_rate`` of the (first) `ScaleByHutchinsonState` inside ``opt_state``.
 
   Works on a bare state, a chain / partition / masked state (e.g. `sophia`'s).
-  NaN unless the transformation counts it (``track_win_rate=True``).
+  Raises a `ValueError` if the transformation does not count it (build it with
+  ``track_win_rate=True``).
 
   Example:
     >>> import jax.numpy as jnp, slimoptax
@@ -102,7 +104,11 @@ def sophia_win_rate(opt_state: Any) -> jax.Array:
   found = optax.tree.get_all_with_path(opt_state, ScaleByHutchinsonState.__name__, is_state)
   if not found:
     raise ValueError("no ScaleByHutchinsonState in this optimizer state")
-  return found[0][1].win_rate
+  win_rate = found[0][1].win_rate
+  if win_rate is None:
+    raise ValueError("this Sophia state does not count its win rate: build the transformation with "
+                     "track_win_rate=True")
+  return win_rate
 
 
 def _curvature_ema(h: jax.Array, estimate: jax.Array, axes: Any, b2: ArrayLike) -> jax.Array:
@@ -200,7 +206,7 @@ def scale_by_hutchinson(
       `optax.contrib.sophia` without ``verbose``: the count is a reduction
       over every parameter, which XLA's CPU backend runs as extra passes
       (docs/benchmarks.md, "Sophia's step without a refresh"); ``win_rate``
-      is then NaN.
+      is then ``None``.
     mu_dtype: momentum dtype (default: the parameters').
     h_dtype: dtype of ``h`` (default: the parameters').
     num_heads, num_kv_heads, torch_layout: head counts and layout for presets (`slimoptax.scale_by_slim_adam`).
@@ -279,7 +285,7 @@ def scale_by_hutchinson(
         key=key,
         mu=_tree.zeros_like_tree(params, mu_dtype),
         h=slim_adam.reduced_zeros(params, axes, h_dtype),
-        win_rate=jnp.asarray(0.0 if track_win_rate else jnp.nan, jnp.float32),
+        win_rate=jnp.zeros([], jnp.float32) if track_win_rate else None,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -347,7 +353,7 @@ def scale_by_hutchinson(
     new_h = skip(new_h, h_leaves)  # a group whose refreshed h is not finite keeps m and h
     total = sum(math.prod(_tree.shape_of(g)) for g in jax.tree_util.tree_leaves(updates))
     not_clipped = sum(jax.tree_util.tree_leaves(not_clipped), jnp.zeros([], jnp.float32))
-    win_rate = not_clipped / max(total, 1) if track_win_rate else jnp.asarray(jnp.nan, jnp.float32)
+    win_rate = not_clipped / max(total, 1) if track_win_rate else None
     # The state keeps its dtype (an array-valued b1 must not promote a bf16 momentum).
     mu = jax.tree.map(lambda m, prev: m.astype(mu_dtype or prev.dtype), mu, state.mu)
     return u, ScaleByHutchinsonState(

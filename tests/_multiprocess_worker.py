@@ -97,7 +97,7 @@ def train(out_dir: str) -> dict:
 
   gather = lambda t: multihost_utils.process_allgather(t, tiled=True)
   final = gather(params)
-  same = [bool(np.array_equal(a, b)) for a, b in zip(
+  same = [w.bitwise_equal(a, b) for a, b in zip(
       jax.tree.leaves(gather((params, state))), jax.tree.leaves(gather((res_params, res_state))))]
   return {
       "process_count": jax.process_count(),

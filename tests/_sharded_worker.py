@@ -103,7 +103,7 @@ def _muon(**kw):
 
 def _hutchinson(**kw):
   from slimoptax._sophia import scale_by_hutchinson
-  return optax.chain(scale_by_hutchinson(update_every=2, compress="slimadam", **kw), _lr())
+  return optax.chain(scale_by_hutchinson(update_every=2, compress="slimadam", track_win_rate=True, **kw), _lr())
 
 
 def _sophia(**kw):
@@ -411,10 +411,11 @@ def _max_diff(a, b) -> float:
   return max(diffs, default=0.0)
 
 
-def _bitwise_equal(a, b) -> bool:
+def bitwise_equal(a, b) -> bool:
+  """Same tree structure and, leaf by leaf, the same dtype, shape and bytes (so a NaN equals itself:
+  e.g. Sophia's win rate, NaN when it is not tracked). The one bitwise comparison of the tests."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  # The bytes, so that a NaN (e.g. Sophia's win rate when it is not tracked) equals itself.
-  return len(la) == len(lb) and all(
+  return jax.tree.structure(a) == jax.tree.structure(b) and len(la) == len(lb) and all(
       np.asarray(x).dtype == np.asarray(y).dtype and np.asarray(x).shape == np.asarray(y).shape
       and np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
 
@@ -491,8 +492,8 @@ def run_case(case: Case, mesh, params0, directory: str) -> dict:
                                       data)
   out["checkpoint"] = {
       "restored_shardings_match": shardings_ok,
-      "params_bitwise_equal": _bitwise_equal(res_params, params),
-      "state_bitwise_equal": _bitwise_equal(res_state, state),
+      "params_bitwise_equal": bitwise_equal(res_params, params),
+      "state_bitwise_equal": bitwise_equal(res_state, state),
   }
 
   if case.pmap:

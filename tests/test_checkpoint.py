@@ -23,10 +23,6 @@ from tests import _sharded_worker as w
 STEPS, K = 5, 2
 
 
-def _bitwise_equal(a, b) -> bool:
-  return jax.tree.structure(a) == jax.tree.structure(b) and w._bitwise_equal(a, b)
-
-
 @functools.cache
 def _resume(case_name: str, directory: str) -> dict:
   """Uninterrupted STEPS steps vs K steps, save, restore_state, STEPS - K more (one step fn)."""
@@ -50,10 +46,10 @@ def _resume(case_name: str, directory: str) -> dict:
   target = {"params": jax.eval_shape(lambda: params0),
             "opt_state": slimoptax.abstract_state(tx, params0)}
   restored = slimoptax.restore_state(checkpointer, path, target)
-  out["restored_equal_saved"] = _bitwise_equal(restored, {"params": mid_p, "opt_state": mid_s})
+  out["restored_equal_saved"] = w.bitwise_equal(restored, {"params": mid_p, "opt_state": mid_s})
   res_p, res_s = run(restored["params"], restored["opt_state"], K, STEPS)
-  out["params_equal"] = _bitwise_equal(res_p, full_p)
-  out["state_equal"] = _bitwise_equal(res_s, full_s)
+  out["params_equal"] = w.bitwise_equal(res_p, full_p)
+  out["state_equal"] = w.bitwise_equal(res_s, full_s)
   out["moved"] = float(max(np.max(np.abs(a - b)) for a, b in zip(
       jax.tree.leaves(full_p), jax.tree.leaves(params0))))
   return out
@@ -182,7 +178,7 @@ def test_checkpoint_manager(tmp_path):
     target = {"params": jax.eval_shape(lambda: params),
               "opt_state": slimoptax.abstract_state(tx, params)}
     restored = slimoptax.restore_state(manager, 2, target)
-    assert _bitwise_equal(restored, {"params": p, "opt_state": s})
+    assert w.bitwise_equal(restored, {"params": p, "opt_state": s})
     other = {"params": target["params"],
              "opt_state": slimoptax.abstract_state(slimoptax.slim_adamw(1e-2), params)}
     with pytest.raises(slimoptax.StateMismatchError,
@@ -249,10 +245,10 @@ def test_save_state_writes_checksums_and_restores_verified(tmp_path):
   assert content["algorithm"] == "sha256"
   assert set(content["leaves"]) == {p for p, _ in named_leaves(state)}
   restored = slimoptax.restore_state(checkpointer, path, target)  # verified by default
-  assert _bitwise_equal(restored, state)
-  assert _bitwise_equal(slimoptax.restore_state(checkpointer, path, target, verify=True), state)
+  assert w.bitwise_equal(restored, state)
+  assert w.bitwise_equal(slimoptax.restore_state(checkpointer, path, target, verify=True), state)
   # Still a plain orbax checkpoint: orbax alone restores it (the JSON file is ignored).
-  assert _bitwise_equal(ocp.StandardCheckpointer().restore(path, target), state)
+  assert w.bitwise_equal(ocp.StandardCheckpointer().restore(path, target), state)
 
 
 def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
@@ -261,10 +257,10 @@ def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
   checkpointer = ocp.StandardCheckpointer()
   checksums = slimoptax.checkpoint.save_state(checkpointer, "rel/ckpt", state)
   assert str(checksums) == str(tmp_path / "rel" / "ckpt" / slimoptax.checkpoint.CHECKSUM_FILE)
-  assert _bitwise_equal(slimoptax.restore_state(checkpointer, "rel/ckpt", target), state)
+  assert w.bitwise_equal(slimoptax.restore_state(checkpointer, "rel/ckpt", target), state)
   # Saved by orbax directly (absolute path), restored by a relative one.
   _save(tmp_path, state, name="plain")
-  assert _bitwise_equal(slimoptax.restore_state(checkpointer, "plain", target), state)
+  assert w.bitwise_equal(slimoptax.restore_state(checkpointer, "plain", target), state)
   assert slimoptax.checkpoint.saved_state_metadata(checkpointer, "plain")["0/count"][0] == ()
 
 
@@ -325,7 +321,7 @@ def test_flipped_bytes_in_a_chunk_are_detected(tmp_path):
   # Without the check orbax restores the corrupted values silently ...
   silent = slimoptax.restore_state(checkpointer, path, target, verify=False)
   changed = sorted(p for (p, a), (_, b) in zip(named_leaves(silent), named_leaves(state))
-                   if not w._bitwise_equal(a, b))
+                   if not w.bitwise_equal(a, b))
   assert changed, "the flipped bytes changed no value: the test did not hit a data chunk"
   # ... with it (the default), every corrupted leaf is named.
   with pytest.raises(slimoptax.checkpoint.CheckpointIntegrityError) as err:
@@ -340,7 +336,7 @@ def test_flipped_bytes_in_a_chunk_are_detected(tmp_path):
 def test_verify_true_requires_the_checksum_file(tmp_path):
   state, target = _random_state()
   checkpointer, path = _save(tmp_path, state)  # plain orbax save: no checksums
-  assert _bitwise_equal(slimoptax.restore_state(checkpointer, path, target), state)
+  assert w.bitwise_equal(slimoptax.restore_state(checkpointer, path, target), state)
   with pytest.raises(FileNotFoundError, match="verify=True.*slimoptax_checksums.json"):
     slimoptax.restore_state(checkpointer, path, target, verify=True)
 
@@ -356,7 +352,7 @@ def test_unreadable_or_foreign_checksum_file(tmp_path):
   checksums.write_text("{not json")
   with pytest.raises(slimoptax.checkpoint.CheckpointIntegrityError, match="cannot be read"):
     slimoptax.restore_state(checkpointer, path, target)
-  assert _bitwise_equal(slimoptax.restore_state(checkpointer, path, target, verify=False), state)
+  assert w.bitwise_equal(slimoptax.restore_state(checkpointer, path, target, verify=False), state)
 
 
 def test_mismatch_is_still_reported_before_restoring(tmp_path):
@@ -374,7 +370,7 @@ def test_dtype_change_skips_the_changed_leaves(tmp_path):
   target = slimoptax.abstract_state(slimoptax.slim_adamw(1e-2, nu_dtype=jnp.bfloat16), params)
   restored = slimoptax.restore_state(checkpointer, path, target, allow_dtype_change=True)
   assert restored[0].nu["dense"]["kernel"].dtype == jnp.bfloat16
-  assert _bitwise_equal(restored[0].mu, state[0].mu)
+  assert w.bitwise_equal(restored[0].mu, state[0].mu)
 
 
 def test_typed_prng_keys_are_checksummed(tmp_path):
@@ -391,12 +387,12 @@ def test_checkpoint_manager_save_state_verifies(tmp_path):
     for t in range(2):
       checksums = slimoptax.checkpoint.save_state(manager, t, jax.tree.map(lambda x: x + t, state))
       assert checksums is not None and checksums.exists()
-    assert _bitwise_equal(slimoptax.restore_state(manager, 1, target),
+    assert w.bitwise_equal(slimoptax.restore_state(manager, 1, target),
                           jax.tree.map(lambda x: x + 1, state))
     _flip(_data_files(tmp_path / "run" / "1")[0], [0.3, 0.7])
     with pytest.raises(slimoptax.checkpoint.CheckpointIntegrityError, match="checkpoint step 1"):
       slimoptax.restore_state(manager, 1, target)
-    assert _bitwise_equal(slimoptax.restore_state(manager, 0, target), state)
+    assert w.bitwise_equal(slimoptax.restore_state(manager, 0, target), state)
     with pytest.raises(Exception) as err:  # noqa: B017 (orbax's error for an unknown step)
       slimoptax.restore_state(manager, 7, target)
     _not_a_mismatch(err)

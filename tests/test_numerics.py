@@ -37,12 +37,6 @@ def _close(a, b, atol, rtol=0.0, what=""):
                                rtol=rtol, err_msg=f"{what} {path}")
 
 
-def _bitwise(a, b) -> bool:
-  return (jax.tree.structure(a) == jax.tree.structure(b)
-          and all(np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
-                  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
-
-
 def _dtypes(tree) -> dict:
   return {p: x.dtype for p, x in named_leaves(tree)}
 
@@ -88,7 +82,7 @@ def _bf16_run(name: str) -> dict:
     if pred:
       t += 1
     else:
-      out["skipped_same"] &= _bitwise((params, state), before)
+      out["skipped_same"] &= w.bitwise_equal((params, state), before)
   out["params"], out["state"], out["steps"] = params, state, t
   # Zero gradients through the same program: nothing moves, nothing turns NaN.
   zero_p, zero_s = step(params, state, jax.tree.map(jnp.zeros_like, params), True)
@@ -135,7 +129,7 @@ def test_zero_gradients_and_zero_layers_stay_finite(case):
     for path, x in named_leaves((params, state, updates)):
       if jnp.issubdtype(x.dtype, jnp.inexact):
         assert bool(jnp.all(jnp.isfinite(x))), path
-    assert _bitwise(params, zeros), "a zero layer with zero gradients moved"
+    assert w.bitwise_equal(params, zeros), "a zero layer with zero gradients moved"
   # One zero layer among trained ones: it gets zero gradients, the others real ones.
   params = w.small_params()
   params["params"]["block_0"]["up"]["kernel"] = jnp.zeros((4, 16))
@@ -173,8 +167,8 @@ def test_apply_if_finite_leaves_the_state_untouched(case, bad):
   poisoned["params"]["block_0"]["up"]["kernel"] = g1["params"]["block_0"]["up"]["kernel"].at[1, 3].set(bad)
   params, state, _ = step(params0, tx.init(params0), g0)
   params_bad, state_bad, updates = step(params, state, poisoned)
-  assert _bitwise(state_bad.inner_state, state.inner_state)
-  assert _bitwise(params_bad, params)
+  assert w.bitwise_equal(state_bad.inner_state, state.inner_state)
+  assert w.bitwise_equal(params_bad, params)
   assert all(not bool(jnp.any(u)) for u in jax.tree.leaves(updates))
   assert int(state_bad.notfinite_count) == 1 and not bool(state_bad.last_finite)
   params, state, _ = step(params_bad, state_bad, g1)
@@ -278,7 +272,7 @@ def test_non_finite_compressed_curvature_skips_the_group(fresh):
   state0 = tx.init(params)
   u, state = tx.update(grads, state0, params)
   assert all(not bool(jnp.any(x)) for x in jax.tree.leaves(u))
-  assert _bitwise(state.mu, state0.mu) and _bitwise(state.h, state0.h)
+  assert w.bitwise_equal(state.mu, state0.mu) and w.bitwise_equal(state.h, state0.h)
 
 
 def test_overflow_in_factored_statistics_skips_the_matrix():
@@ -426,7 +420,7 @@ def test_inject_hyperparams_learning_rate_and_beta(alias):
   _close(s3.inner_state, s_ref, atol=1e-7, rtol=1e-5, what=f"{alias.name} state")
   # ... and differs from keeping the old beta (the change took effect).
   _, _, u_old = plain_step(p2, s2.inner_state, g)
-  assert not _bitwise(u_old, u_inj)
+  assert not w.bitwise_equal(u_old, u_inj)
 
 
 @pytest.mark.parametrize("alias", alias_params())
@@ -444,7 +438,7 @@ def test_multisteps_equals_one_step_on_the_mean_gradient(alias):
       before = p
       p, s, _ = multi_step(p, s, g)
       if i < k - 1:
-        assert _bitwise(p, before)  # nothing applied until the k-th micro-step
+        assert w.bitwise_equal(p, before)  # nothing applied until the k-th micro-step
     mean = jax.tree.map(lambda *gs: sum(gs) / k, *grads)
     rp, rs, _ = plain_step(rp, rs, mean)
     _close(p, rp, atol=2e-6, rtol=1e-5, what=f"{alias.name} outer step {outer}")

@@ -25,6 +25,7 @@ import pytest
 import slimoptax
 from slimoptax import _quantize as q
 from slimoptax import sharding as sh
+from tests._sharded_worker import bitwise_equal
 from tests.conftest import REPO
 
 # ---------------------------------------------------------------------------
@@ -360,12 +361,6 @@ def _run(tx, params, steps, grads=_grads):
   return params, state
 
 
-def _bitwise_equal(a, b) -> bool:
-  return (jax.tree.structure(a) == jax.tree.structure(b)
-          and all(x.dtype == y.dtype and np.array_equal(x, y)
-                  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
-
-
 def test_finds_the_moments_inside_optax_and_slimoptax_states():
   params = _params()
   up = lambda s: s.mu["mlp"]["up"]["kernel"]
@@ -441,7 +436,7 @@ def test_multisteps_and_apply_if_finite():
   _, state = _run(tx, params, 2)
   bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(params, 5))
   updates, after = jax.jit(tx.update)(bad, state, params)
-  assert _bitwise_equal(after.inner_state, state.inner_state)
+  assert bitwise_equal(after.inner_state, state.inner_state)
   assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
 
 
@@ -487,9 +482,9 @@ def test_checkpoint_round_trip_resumes_bit_identically(tmp_path):
   target = {"params": jax.eval_shape(lambda: params),
             "opt_state": slimoptax.abstract_state(tx, params)}
   restored = slimoptax.restore_state(checkpointer, path, target)  # checksums verified
-  assert _bitwise_equal(restored, {"params": mid[0], "opt_state": mid[1]})
+  assert bitwise_equal(restored, {"params": mid[0], "opt_state": mid[1]})
   resumed = run(restored["params"], restored["opt_state"], 2, 5)
-  assert _bitwise_equal(resumed, full)
+  assert bitwise_equal(resumed, full)
   # A checkpoint of the float32 state does not restore into the quantized one: named paths.
   plain = slimoptax.slim_adamw(1e-2, compress="slimadam")
   slimoptax.checkpoint.save_state(checkpointer, tmp_path / "plain", plain.init(params))

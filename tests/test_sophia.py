@@ -266,12 +266,14 @@ def test_win_rate_is_the_fraction_not_clipped():
   assert float(state.win_rate) == pytest.approx(not_clipped / 35)
   _tree_close(u, jax.tree.map(lambda r: jnp.clip(r, -1, 1), ratios), atol=1e-6)
   assert slimoptax.sophia_win_rate(optax.chain(tx, optax.scale(-1.0)).init(params)) == 0.0
-  # Without the count (the default): the same updates and state, win_rate NaN.
+  # Without the count (the default): the same updates and state, no win_rate, and asking for it says why.
   off = slimoptax.scale_by_hutchinson(gamma=0.5, update_every=5)
   _, state_off, u_off = _run(off, params, loss, 3)
   _tree_close(u_off, u, atol=0)
   _tree_close((state_off.mu, state_off.h), (state.mu, state.h), atol=0)
-  assert np.isnan(float(state_off.win_rate)) and np.isnan(float(slimoptax.sophia_win_rate(off.init(params))))
+  assert state_off.win_rate is None and off.init(params).win_rate is None
+  with pytest.raises(ValueError, match="track_win_rate=True"):
+    slimoptax.sophia_win_rate(optax.chain(off, optax.scale(-1.0)).init(params))
 
 
 def test_refresh_schedule_and_ordering():
