@@ -10,7 +10,11 @@ are alive at a time.
 
 Per row: median and min step time, the ratio of medians to the row's peer (a
 quantized row: to its float32 version), compile time and optimizer-state
-bytes. Sophia rows are timed twice, on a step with a Hessian refresh and on one
+bytes. With ``--peak-gbps`` (the memory's peak bandwidth, GB/s), also the
+fraction of the bandwidth bound each plain step reaches: the least traffic a
+step can have (parameters read and written, gradients read, optimizer state
+read and written: ``3 P + 2 S`` bytes) over the peak, divided by the median
+step time. Sophia rows are timed twice, on a step with a Hessian refresh and on one
 without; their objective is a small causal transformer on the same parameters
 (``--sophia-tokens`` tokens of one sequence). Shampoo and SOAP rows likewise, on
 a step that refreshes the preconditioner (Shampoo: the roots by ``eigh``; SOAP:
@@ -288,6 +292,7 @@ def time_group(group: list[Row], params0, grads, tokens, repeats: int) -> dict[s
     params = jax.tree.map(jnp.copy, params0)
     state = tx.init(params)
     state_bytes = slimoptax.tree_bytes(state)
+    param_bytes = slimoptax.tree_bytes(params)
     step = make_step(tx, gpt2_loss if row.sophia else None)
     args = (params, state, grads) + ((tokens,) if row.sophia else ())
     t0 = time.perf_counter()
@@ -299,7 +304,8 @@ def time_group(group: list[Row], params0, grads, tokens, repeats: int) -> dict[s
     params, state = compiled(params, state, grads, *((tokens,) if row.sophia else ()))
     jax.block_until_ready(params)
     runs[row.name] = dict(row=row, compiled=compiled, params=params, state=state, compile_s=compile_s,
-                          state_bytes=state_bytes, times=[], refresh_times=[])
+                          state_bytes=state_bytes, traffic_bytes=3 * param_bytes + 2 * state_bytes,
+                          times=[], refresh_times=[])
   for r in range(repeats):
     for run in runs.values():
       every = run["row"].every
@@ -318,7 +324,7 @@ def time_group(group: list[Row], params0, grads, tokens, repeats: int) -> dict[s
   for name, run in runs.items():
     res = dict(group=run["row"].group, median_step_s=statistics.median(run["times"]),
                min_step_s=min(run["times"]), compile_s=run["compile_s"], state_bytes=run["state_bytes"],
-               times_s=run["times"])
+               traffic_bytes=run["traffic_bytes"], times_s=run["times"])
     if run["refresh_times"]:
       res.update(refresh_median_step_s=statistics.median(run["refresh_times"]),
                  refresh_min_step_s=min(run["refresh_times"]), refresh_times_s=run["refresh_times"])
@@ -326,9 +332,10 @@ def time_group(group: list[Row], params0, grads, tokens, repeats: int) -> dict[s
   return out
 
 
-def markdown(results: dict[str, dict], all_rows: list[Row]) -> str:
-  lines = ["| optimizer | step | median | min | ratio to peer | peer | compile | optimizer state bytes |",
-           "|---|---|---|---|---|---|---|---|"]
+def markdown(results: dict[str, dict], all_rows: list[Row], peak_gbps: float | None = None) -> str:
+  bound = peak_gbps is not None
+  lines = ["| optimizer | step | median | min | ratio to peer | peer | compile | optimizer state bytes |"
+           + (" bandwidth bound |" if bound else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if bound else "")]
   for row in all_rows:
     if row.name not in results:
       continue
@@ -341,10 +348,13 @@ def markdown(results: dict[str, dict], all_rows: list[Row]) -> str:
       # A peer without refresh steps (AdamW): the refresh step against its plain step.
       base = results[peer].get(f"{prefix}median_step_s", results[peer]["median_step_s"])
       ratio = "" if peer == row.name or base is None else f"{r[f'{prefix}median_step_s'] / base:.3f}"
-      lines.append(f"| `{row.name}` | {kind} | {r[f'{prefix}median_step_s'] * 1e3:.1f} ms | "
-                   f"{r[f'{prefix}min_step_s'] * 1e3:.1f} ms | {ratio} | "
-                   f"{'' if peer == row.name else '`' + peer + '`'} | {r['compile_s']:.2f} s | "
-                   f"{r['state_bytes']:,} |")
+      line = (f"| `{row.name}` | {kind} | {r[f'{prefix}median_step_s'] * 1e3:.1f} ms | "
+              f"{r[f'{prefix}min_step_s'] * 1e3:.1f} ms | {ratio} | "
+              f"{'' if peer == row.name else '`' + peer + '`'} | {r['compile_s']:.2f} s | "
+              f"{r['state_bytes']:,} |")
+      if bound:  # plain steps only: a refresh's traffic is not the optimizer's state alone
+        line += f" {r['bandwidth_fraction']:.3f} |" if not prefix else " |"
+      lines.append(line)
   return "\n".join(lines)
 
 
@@ -356,7 +366,11 @@ def main():
   parser.add_argument("--sophia-tokens", type=int, default=16)
   parser.add_argument("--json", default=None, help="write the results here")
   parser.add_argument("--list", action="store_true", help="print the groups and rows, then exit")
+  parser.add_argument("--peak-gbps", type=float, default=None,
+                      help="the memory's peak bandwidth in GB/s: adds each plain step's fraction of the bound")
   args = parser.parse_args()
+  if args.peak_gbps is not None and not args.peak_gbps > 0:
+    raise SystemExit(f"--peak-gbps: a bandwidth in GB/s above 0, got {args.peak_gbps}")
 
   all_rows = rows()
   if args.list:
@@ -384,6 +398,10 @@ def main():
     results.update(time_group(members, params0, grads, tokens, args.repeats))
     print(f"group {group}: {len(members)} rows in {time.perf_counter() - t0:.0f} s", flush=True)
   for row in chosen:
+    r = results[row.name]
+    if args.peak_gbps:
+      r["bandwidth_bound_s"] = r["traffic_bytes"] / (args.peak_gbps * 1e9)
+      r["bandwidth_fraction"] = r["bandwidth_bound_s"] / r["median_step_s"]
     peer = peer_of(row, chosen)
     if peer != row.name:
       r = results[row.name]
@@ -394,11 +412,11 @@ def main():
             "refresh_median_step_s", results[peer]["median_step_s"])
       if results[peer]["state_bytes"]:
         r["state_bytes_ratio_to_peer"] = r["state_bytes"] / results[peer]["state_bytes"]
-  table = markdown(results, chosen)
+  table = markdown(results, chosen, args.peak_gbps)
   print(table)
   if args.json:
     out = dict(device=device, jax=jax.__version__, optax=optax.__version__, layers=args.layers,
-               params=n_params, repeats=args.repeats, sophia_tokens=args.sophia_tokens,
+               params=n_params, repeats=args.repeats, peak_gbps=args.peak_gbps, sophia_tokens=args.sophia_tokens,
                sophia_update_every=SOPHIA_EVERY, precondition_every=PRECOND_EVERY, date=datetime.date.today().isoformat(),
                rows={name: r for name, r in results.items()}, table=table)
     with open(args.json, "w") as f:
