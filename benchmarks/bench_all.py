@@ -53,7 +53,7 @@ Usage:
       [--json out.json]
 
 ``--only`` takes group names (``adamw``, ``adafactor``, ``muon``, ``sophia``,
-``sign``, ``quantized``, ``shampoo_soap``) or row names; ``--list`` prints them.
+``sign``, ``other``, ``quantized``, ``shampoo_soap``) or row names; ``--list`` prints them.
 """
 
 from __future__ import annotations
@@ -238,6 +238,16 @@ def rows() -> list[Row]:
           lambda _: slimoptax.soap(LR, ADAM["b1"], ADAM["b2"], weight_decay=ADAM["weight_decay"],
                                    precondition_frequency=PRECOND_EVERY),
           refresh_every=PRECOND_EVERY, refresh_kind="basis refresh (QR)"),
+  ]
+  # Transforms without an optax peer, against AdamW: column max descent (seed 003's Algorithm 2; its
+  # embeddings and norms through AdamW) and AdaVar (Orvieto & Gower's generalised Adam, eq. 12).
+  out += [
+      Row("optax.adamw (other)", "other", _adamw),
+      Row("column_max_descent", "other", lambda _: slimoptax.column_max_descent(
+          LR, adam_learning_rate=LR, adam_b1=ADAM["b1"], adam_b2=ADAM["b2"],
+          adam_weight_decay=ADAM["weight_decay"])),
+      Row("scale_by_adavar + lr", "other", lambda _: optax.chain(
+          slimoptax.scale_by_adavar(), optax.scale_by_learning_rate(LR))),
   ]
   # Quantized states, against their float32 versions (timed in the same group).
   out += [

@@ -123,10 +123,17 @@ def scale_by_adavar(
   def update_fn(updates, state, params=None):
     del params
     _tree.check_state(state, ScaleByAdaVarState, who="scale_by_adavar")
-    mu, sigma2 = _tree.map_update(
-        lambda _, g, m, s: (optax.tree.update_moment(g, m, beta, 1),
-                            tau * s + gamma * (1 - tau) * jnp.square(m - g)),
-        updates, state.mu, state.sigma2, names=["first moment", "variance"], num_outputs=2)
+    def moments(_, g, m, s):
+      s = tau * s + gamma * (1 - tau) * jnp.square(m - g)
+      m = optax.tree.update_moment(g, m, beta, 1)
+      # The variance reads the previous mean. Adding min(s, 0), an exact zero (s >= 0), makes the new
+      # mean depend on it, so XLA computes the variance first and updates the donated mean in place;
+      # without it, it keeps the previous mean in a parameter-sized copy on every step
+      # (benchmarks/bench_all.py, group "other").
+      return m + jnp.minimum(s, 0).astype(m.dtype), s
+
+    mu, sigma2 = _tree.map_update(moments, updates, state.mu, state.sigma2,
+                                  names=["first moment", "variance"], num_outputs=2)
     count_inc = optax.safe_increment(state.count)
     num, v = mu, jax.tree.map(lambda m, s: jnp.square(m) + s, mu, sigma2)
     if bias_correction:
