@@ -91,6 +91,8 @@ def test_soap_shampoo_wall_clock_steps_come_from_the_interleaved_timing(tmp_path
   assert state["tuned"] == {"adamw": 2e-3, "soap": 2e-3}
   wall = [c for c in requested if c.kind == "wallclock"]
   assert [(c.optimizer, c.steps) for c in wall] == [("soap", round(args.steps * 0.1 / 0.25))]
+  claim = [c for c in requested if c.kind == "claim"]  # 65% of AdamW's time: SOAP's claimed saving
+  assert [(c.optimizer, c.steps) for c in claim] == [("soap", round(ss.CLAIMED_WALLCLOCK * args.steps * 0.1 / 0.25))]
   assert state["seconds_per_step"] is not None and set(state["seconds_per_step"]) == {"adamw", "soap"}
   with pytest.raises(SystemExit):
     ss.parse_args(["--timing-steps", "15"])  # not a multiple of the refresh interval
@@ -133,3 +135,4 @@ def test_soap_shampoo_is_complete_only_with_the_timing_and_every_comparison(tmp_
   monkeypatch.setattr(grid, "timing", lambda tuned, dry: {"seconds_per_step": {"adamw": 0.1, "soap": 0.2}})
   res = ss.analyse(grid.walk(dry=True), args)
   assert res["complete"] and res["comparisons"]["wallclock"]["soap"]["steps"] == round(args.steps / 2)
+  assert res["comparisons"]["claim"]["soap"]["steps"] == round(ss.CLAIMED_WALLCLOCK * args.steps / 2)
