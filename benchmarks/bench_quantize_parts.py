@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import slimoptax
-from slimoptax import _quantize
+from slimoptax import _codecs
 
 
 def main():
@@ -25,7 +25,7 @@ def main():
   shape = (4096, 2048)
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   key = jax.random.PRNGKey(1)
-  codes = jnp.asarray(_quantize.codebook("int8"))
+  codes = jnp.asarray(_codecs.codebook("int8"))
   cases = {
       "elementwise x * 2 + 1": (jax.jit(lambda x: x * 2 + 1), (x,)),
       "searchsorted (int8 codebook)": (jax.jit(lambda x: jnp.searchsorted(codes, x / jnp.max(jnp.abs(x)))), (x,)),

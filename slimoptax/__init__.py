@@ -99,14 +99,14 @@ from slimoptax._snr import snr
 from slimoptax._snr import time_average
 
 # Quantized optimizer states: blockwise 8-bit / 4-bit, bf16 with stochastic rounding.
-from slimoptax._quantize import QuantizedArray
+from slimoptax._codecs import QuantizedArray
 from slimoptax._quantize import QuantizedState
-from slimoptax._quantize import codebook
-from slimoptax._quantize import dequantize
-from slimoptax._quantize import dynamic_map
-from slimoptax._quantize import quantize
+from slimoptax._codecs import codebook
+from slimoptax._codecs import dequantize
+from slimoptax._codecs import dynamic_map
+from slimoptax._codecs import quantize
 from slimoptax._quantize import quantize_state
-from slimoptax._quantize import stochastic_round_bf16
+from slimoptax._codecs import stochastic_round_bf16
 
 # Diagnostics: state memory, per-layer norms.
 from slimoptax.diagnostics import layer_norms

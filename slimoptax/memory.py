@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slimoptax import _quantize, _snr, _tree
+from slimoptax import _codecs, _snr, _tree
 
 
 class _Stored:
@@ -147,8 +147,8 @@ def memory_report(opt_state: Any, params: Any) -> MemoryReport:
     >>> print(f"{report.entries} of {report.adam_entries}: {report.fraction_saved:.2%} saved")
     16 of 264: 93.94% saved
   """
-  stored = jax.tree.map(lambda x: _Stored(x) if _quantize.is_quantized(x) else x, opt_state,
-                        is_leaf=_quantize.is_quantized)
+  stored = jax.tree.map(lambda x: _Stored(x) if _codecs.is_quantized(x) else x, opt_state,
+                        is_leaf=_codecs.is_quantized)
   nu = _snr.find_second_moment(stored, params)
   nu_leaves = _tree.named_leaves(nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   rows, covered = [], []

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from slimoptax import _quantize, _tree
+from slimoptax import _codecs, _tree
 
 __all__ = [
     "abstract_sharded_state", "init_sharded", "param_index", "reduced_spec", "state_shardings",
@@ -71,12 +71,12 @@ def _is_empty(x: Any) -> bool:
 
 def _is_param_node(x: Any) -> bool:
   """A parameter's state leaf: an array, or a `slimoptax.QuantizedArray` (codes and scales) whole."""
-  return _is_empty(x) or _quantize.is_quantized(x)
+  return _is_empty(x) or _codecs.is_quantized(x)
 
 
 def _for_each_array(leaf: Any, value: Any) -> Any:
   """``value`` in place of ``leaf``, or of each array of a `slimoptax.QuantizedArray`."""
-  return jax.tree.map(lambda _: value, leaf) if _quantize.is_quantized(leaf) else value
+  return jax.tree.map(lambda _: value, leaf) if _codecs.is_quantized(leaf) else value
 
 
 def _dtype(p: Any) -> Any:

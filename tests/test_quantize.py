@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import slimoptax
-from slimoptax import _quantize as q
+from slimoptax import _codecs
 from slimoptax import sharding as sh
 from tests._sharded_worker import bitwise_equal
 from tests.conftest import REPO
@@ -107,11 +107,38 @@ def covering_error(book: np.ndarray, signed: bool) -> float:
   return max(np.max(np.diff(book)) / 2, book[0] - lo_end, 1.0 - book[-1])
 
 
+def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Units in the last place between float32 arrays of the same signs."""
+  return np.abs(a.astype(np.float32).view(np.int32).astype(np.int64) - b.astype(np.float32).view(np.int32))
+
+
 def test_codebooks_are_the_dynamic_and_linear_maps():
+  """Each codebook value is within one float32 unit of the float64 map read bit by bit (the linear map: exact)."""
   for codec, ref in REF_MAPS.items():
     book = slimoptax.codebook(codec)
     assert book.dtype == np.float32 and book.size == ref.size == len(np.unique(book))
-    np.testing.assert_array_equal(book, ref.astype(np.float32), err_msg=codec)
+    assert np.all(np.sign(book) == np.sign(ref)), codec
+    assert _ulps(book, ref.astype(np.float32)).max() <= (0 if codec == "uint4" else 1), codec
+    np.testing.assert_allclose(book, ref, rtol=1.2e-7, atol=0, err_msg=codec)
+
+
+@pytest.mark.parametrize("codec", ["int8", "uint8", "int4", "uint4"])
+def test_arithmetic_decode_gives_every_codebook_value_exactly(codec):
+  """The decoder computes values without a table; on every code it is the codebook, bit for bit."""
+  book = slimoptax.codebook(codec)
+  index = jnp.arange(book.size, dtype=jnp.uint8)
+  np.testing.assert_array_equal(np.asarray(jax.jit(_codecs._values_of, static_argnums=1)(index, codec)), book)
+  np.testing.assert_array_equal(np.asarray(_codecs._values_of(index, codec)), book)  # not jitted
+
+
+def test_block_absmax_is_the_max_of_abs():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(7, 5, 256)).astype(np.float32)
+  x[0, 0] = 0.0
+  x[1, 1, 3] = -np.inf
+  x[2, 2, 4] = np.nan
+  got = np.asarray(_codecs.block_absmax(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, np.abs(x).max(-1))
   # The values bitsandbytes' create_dynamic_map gives (its ends and smallest codes).
   signed8, unsigned8 = REF_MAPS["int8"], REF_MAPS["uint8"]
   assert signed8[0] == pytest.approx(-0.99296875) and signed8[-1] == 1.0
@@ -145,7 +172,7 @@ def test_codes_and_scales_equal_the_float64_reference(codec, shape, block, dist)
   x = _sample(shape, dist)
   x.reshape(-1)[:7] = 0.0  # exact zeros in the first block
   enc = slimoptax.quantize(jnp.asarray(x), codec, block_size=block)
-  block = block or q.DEFAULT_BLOCK_SIZE[4 if "4" in codec else 8]
+  block = block or _codecs.DEFAULT_BLOCK_SIZE[4 if "4" in codec else 8]
   nb = -(-shape[-1] // block)
   assert enc.scales.shape == shape[:-1] + (nb,) and enc.scales.dtype == jnp.float32
   assert enc.codes.dtype == jnp.uint8
@@ -155,12 +182,12 @@ def test_codes_and_scales_equal_the_float64_reference(codec, shape, block, dist)
     codes = ref_unpack4(codes, shape[-1])
   else:
     assert enc.codes.shape == shape
-  ref_codes, ref_absmax = ref_quantize(x, REF_MAPS[codec].astype(np.float32), block)
+  ref_codes, ref_absmax = ref_quantize(x, slimoptax.codebook(codec), block)
   np.testing.assert_array_equal(np.asarray(enc.scales), ref_absmax)
   np.testing.assert_array_equal(codes, ref_codes)
   # Decoding: codebook[code] * absmax, against float64.
   scale_per_entry = np.repeat(ref_absmax.astype(np.float64), block, axis=-1)[..., :shape[-1]]
-  ref_decoded = REF_MAPS[codec][ref_codes] * scale_per_entry
+  ref_decoded = slimoptax.codebook(codec).astype(np.float64)[ref_codes] * scale_per_entry
   decoded = np.asarray(slimoptax.dequantize(enc), np.float64)
   np.testing.assert_allclose(decoded, ref_decoded, rtol=2e-7, atol=0)
   # The error bound per block: the map's covering distance times the block's absmax
@@ -701,19 +728,22 @@ def test_bad_inputs_name_the_path_or_the_state():
 
 
 @pytest.mark.parametrize("codec", ["int8", "uint8", "int4", "uint4"])
-def test_bucket_table_gives_the_binary_search_index(codec):
-  """The 16-bit bucket table of `nearest_code` against a binary search, at every code, midpoint and neighbour."""
-  from slimoptax._quantize import _codebook, nearest_code
+def test_nearest_code_tables_give_the_exact_nearest_code(codec):
+  """The two 16-bit bucket tables of `nearest_code` against the float64 nearest code (ties: the larger), at every
+  code, every midpoint and its float32 neighbours, random values over seven decades, zeros, denormals, infinities."""
+  from slimoptax._codecs import _codebook, nearest_code
   book = _codebook(codec)
-  mid = (book[1:] + book[:-1]) / 2
+  mid = ((book[1:].astype(np.float64) + book[:-1]) / 2).astype(np.float32)
   rng = np.random.default_rng(0)
-  v = np.concatenate([book, mid, np.nextafter(mid, 2), np.nextafter(mid, -2), rng.uniform(-1, 1, 100_000),
+  v = np.concatenate([book, -book, mid, np.nextafter(mid, 2), np.nextafter(mid, -2), rng.uniform(-1, 1, 100_000),
                       rng.normal(0, 1e-3, 100_000), rng.normal(0, 1e-6, 10_000),
-                      [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, np.inf, -np.inf]]).astype(np.float32)
-  search = np.asarray(nearest_code(jnp.asarray(v), book))          # jnp.searchsorted
+                      [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 3.0, -3.0, np.inf, -np.inf]]).astype(np.float32)
   table = np.asarray(nearest_code(jnp.asarray(v), None, codec=codec))
-  np.testing.assert_array_equal(table, search)
-  # And both are the nearest code (ties: the larger), in float64.
-  d = np.abs(book.astype(np.float64)[None, :] - np.clip(v[:-2], -1, 1).astype(np.float64)[:, None])
-  best = np.where(d == d.min(axis=1, keepdims=True), np.arange(book.size), -1).max(axis=1)
-  assert (best == table[:-2]).mean() > 0.999   # float32 rounding of the midpoint comparison aside
+  d = np.abs(book.astype(np.float64)[None, :] - v.astype(np.float64)[:, None])
+  with np.errstate(invalid="ignore"):
+    best = np.where(d == d.min(axis=1, keepdims=True), np.arange(book.size), -1).max(axis=1)
+  np.testing.assert_array_equal(table[:-2], best[:-2])
+  assert table[-2] == book.size - 1 and table[-1] == 0  # +inf, -inf: the ends
+  # The binary-search path (a codebook of the caller's) agrees, but for float32 rounding at the midpoints.
+  search = np.asarray(nearest_code(jnp.asarray(v), book))
+  assert (search == table).mean() > 0.999
