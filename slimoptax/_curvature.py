@@ -43,12 +43,9 @@ import jax.numpy as jnp
 DISTRIBUTIONS: tuple[str, ...] = ("rademacher", "gaussian")
 
 
-def _sampler(distribution: str):
-  if distribution == "rademacher":
-    return jax.random.rademacher
-  if distribution in ("gaussian", "normal"):
-    return jax.random.normal
-  raise ValueError(f"unknown probe distribution {distribution!r}; known: {DISTRIBUTIONS}")
+def _check_distribution(distribution: str) -> None:
+  if distribution not in DISTRIBUTIONS and distribution != "normal":
+    raise ValueError(f"unknown probe distribution {distribution!r}; known: {DISTRIBUTIONS}")
 
 
 def _accepts_out_sharding(fn) -> bool:
@@ -58,24 +55,65 @@ def _accepts_out_sharding(fn) -> bool:
     return False
 
 
+def _spec_of(sharding: Any, ndim: int) -> tuple | None:
+  """The leaf's partition spec padded to ``ndim`` entries (``None`` when it has no named sharding)."""
+  spec = getattr(sharding, "spec", None)
+  if spec is None or not hasattr(sharding, "update"):
+    return None
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _rademacher(key: chex.PRNGKey, shape: tuple[int, ...], sharding: Any) -> jax.Array:
+  """``+-1`` float32 signs of ``shape``: the 32 bits of each `jax.random.bits` word give 32 signs.
+
+  Sign ``j`` of a row is bit ``j mod 32`` of word ``j // 32`` (words along the
+  last axis, the last one's unused bits dropped): the bits are uniform and
+  independent, so are the signs, and the generator runs on 1/32 of the
+  entries (`jax.random.rademacher` draws a 32-bit word per sign); unpacking is
+  elementwise and fuses with the probe's consumer.
+  """
+  if not shape:
+    return (1 - 2 * (jax.random.bits(key, (), jnp.uint32) & 1).astype(jnp.int32)).astype(jnp.float32)
+  last = shape[-1]
+  words = -(-last // 32)
+  spec = _spec_of(sharding, len(shape)) if _accepts_out_sharding(jax.random.bits) else None
+  kwargs = {} if spec is None else {"out_sharding": sharding.update(spec=jax.sharding.PartitionSpec(*spec[:-1], None))}
+  w = jax.random.bits(key, shape[:-1] + (words,), jnp.uint32, **kwargs)
+  bit = (w[..., None] >> jax.lax.iota(jnp.uint32, 32)) & jnp.uint32(1)
+  u = (1 - 2 * bit.astype(jnp.int32)).astype(jnp.float32).reshape(shape[:-1] + (words * 32,))[..., :last]
+  if spec is not None and spec[-1] is not None:  # a sharded last axis (explicit sharding): back to the leaf's
+    u = jax.sharding.reshard(u, sharding)
+  return u
+
+
 def random_probes(key: chex.PRNGKey, params: Any, distribution: str = "rademacher") -> Any:
   """Probes ``u`` like ``params``: one key per leaf (``jax.random.split(key, n)``).
 
-  Drawn in float32 and cast to each leaf's dtype; each probe gets the leaf's
-  sharding when the sampler supports it. (The key layout is the one of
-  `optax.tree.random_like`, so a seed gives the same probes as
-  `optax.contrib.hutchinson_estimator_diag_hessian` for float32 parameters.)
+  ``"rademacher"``: independent ``+-1`` signs, 32 from each 32-bit word of
+  `jax.random.bits` (`jax.random.rademacher` spends a word per sign: on a
+  GPT-2-small tree it cost more than the Hessian-vector product on the CPU,
+  docs/benchmarks.md); ``"gaussian"``: `jax.random.normal`. Drawn in float32
+  and cast to each leaf's dtype; each probe gets the leaf's sharding.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from slimoptax._curvature import random_probes
+    >>> u = random_probes(jax.random.PRNGKey(0), {"w": jnp.zeros((4, 100))})["w"]
+    >>> sorted(set(u.ravel().tolist())), u.shape
+    ([-1.0, 1.0], (4, 100))
   """
-  sampler = _sampler(distribution)
+  _check_distribution(distribution)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(key, len(leaves)) if leaves else []
-  sharded = _accepts_out_sharding(sampler)
   out = []
   for k, p in zip(keys, leaves):
-    if sharded:
-      u = sampler(k, p.shape, jnp.float32, out_sharding=jax.typeof(p).sharding)
+    sharding = getattr(jax.typeof(p), "sharding", None)
+    if distribution == "rademacher":
+      u = _rademacher(k, tuple(p.shape), sharding)
+    elif _accepts_out_sharding(jax.random.normal) and sharding is not None:
+      u = jax.random.normal(k, p.shape, jnp.float32, out_sharding=sharding)
     else:
-      u = sampler(k, p.shape, jnp.float32)
+      u = jax.random.normal(k, p.shape, jnp.float32)
     out.append(u.astype(p.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -117,7 +155,7 @@ def hutchinson_estimate(
     >>> slimoptax.hutchinson_estimate(loss, params, jax.random.PRNGKey(0))["w"].tolist()
     [6.0, 1.0]
   """
-  _sampler(distribution)
+  _check_distribution(distribution)
   if int(num_samples) < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   grad_fn = jax.grad(obj_fn)

@@ -40,7 +40,7 @@ from slimoptax import _slim_adam as slim_adam
 from slimoptax import _tree
 from slimoptax._curvature import (
   DISTRIBUTIONS,
-  _sampler,
+  _check_distribution,
   gnb_estimate,
   hutchinson_estimate,
   random_probes,
@@ -231,7 +231,7 @@ def scale_by_hutchinson(
   """
   if not callable(estimator) and estimator not in ESTIMATORS:
     raise ValueError(f"unknown estimator {estimator!r}; known: {ESTIMATORS} or a callable")
-  _sampler(distribution)
+  _check_distribution(distribution)
   if clip_threshold is None:
     raise ValueError(
         "clip_threshold=None is not supported: the clip is what bounds the step where the "
