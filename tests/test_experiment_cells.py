@@ -75,7 +75,9 @@ def test_check_config_refuses_other_settings_by_flag(tmp_path):
 
 def test_soap_shampoo_wall_clock_steps_come_from_the_interleaved_timing(tmp_path, monkeypatch):
   # Equal wall-clock: each optimizer gets steps * t_adamw / t_opt steps, with both times from the one timing cell
-  # (not from the tuning runs, which ran at other moments under other load).
+  # (not from the tuning runs, which ran at other moments under other load). No clock runs here: the timing
+  # cell and the runs are fakes with fixed figures (0.1 / 0.25 against the runs' 99.0), and the step counts
+  # asserted below are what the timing cell's figures give.
   from experiments import soap_shampoo as ss
   args = ss.parse_args(["--optimizers", "adamw,soap", "--seeds", "0", "--lrs", "1e-3,2e-3,4e-3",
                         "--max-extend", "0", "--out", str(tmp_path)])
@@ -94,8 +96,6 @@ def test_soap_shampoo_wall_clock_steps_come_from_the_interleaved_timing(tmp_path
   assert [(c.optimizer, c.steps) for c in wall] == [("soap", round(args.steps * 0.1 / 0.25))]
   claim = [c for c in requested if c.kind == "claim"]  # 65% of AdamW's time: SOAP's claimed saving
   assert [(c.optimizer, c.steps) for c in claim] == [("soap", round(ss.CLAIMED_WALLCLOCK * args.steps * 0.1 / 0.25))]
-  # The state carries the timing cell's figures, not the runs' own (99.0 in fake_run).
-  assert state["seconds_per_step"] == timing_cell["seconds_per_step"]
   with pytest.raises(SystemExit):
     ss.parse_args(["--timing-steps", "15"])  # not a multiple of the refresh interval
 
