@@ -65,6 +65,26 @@ class ScaleByColumnMaxState(NamedTuple):
   mu: optax.Updates
 
 
+def _max_and_count(mag: jax.Array, axes: Any) -> tuple[jax.Array, jax.Array]:
+  """``max`` of ``mag`` over ``axes`` and how many entries equal it, in one two-output reduction.
+
+  The reduction merges ``(max, count)`` pairs: the larger maximum keeps its
+  count, equal maxima add theirs (a NaN maximum propagates, with count 0). One
+  pass over ``mag`` instead of a maximum and then a count of the entries at it;
+  both keep the reduced axes (size 1), in ``mag``'s dtype.
+  """
+  axes = tuple(a % mag.ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,)))
+
+  def merge(a, b):
+    top = jnp.maximum(a[0], b[0])
+    return top, jnp.where(a[0] == top, a[1], 0) + jnp.where(b[0] == top, b[1], 0)
+
+  init = (jnp.array(-jnp.inf, mag.dtype), jnp.array(0, jnp.int32))
+  top, count = jax.lax.reduce((mag, jnp.ones(mag.shape, jnp.int32)), init, merge, axes)
+  keep = tuple(1 if i in axes else n for i, n in enumerate(mag.shape))
+  return top.reshape(keep), count.reshape(keep).astype(mag.dtype)
+
+
 def column_max_direction(m: jax.Array, spec: Any, radius: ArrayLike = 1.0) -> jax.Array:
   """``U`` of Algorithm 2 for one matrix ``m`` viewed by ``spec`` (a `slimoptax.matrix_dims` entry).
 
@@ -90,9 +110,8 @@ def column_max_direction(m: jax.Array, spec: Any, radius: ArrayLike = 1.0) -> ja
   view, dims = muon_lib._view(m.shape, spec)
   x = m.reshape(view)
   mag = jnp.abs(x)
-  top = jnp.max(mag, axis=dims.output_axis, keepdims=True)
+  top, k = _max_and_count(mag, dims.output_axis)
   hit = (mag == top) & (top > 0)
-  k = jnp.sum(hit, axis=dims.output_axis, keepdims=True).astype(x.dtype)
   u = jnp.where(hit, jnp.sign(x) * (radius / jnp.maximum(k, 1)), jnp.zeros_like(x))
   u = jnp.where(jnp.isnan(top), jnp.nan, u)
   return u.reshape(m.shape).astype(m.dtype)
