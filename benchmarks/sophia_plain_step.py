@@ -22,7 +22,7 @@ parameter-sized copies and the temporary bytes of each compiled step
 (``memory_analysis``).
 
 Usage:
-  python benchmarks/sophia_plain_step.py [--layers 4] [--shape 1024,2048] [--repeats 9]
+  python benchmarks/sophia_plain_step.py [--layers 4] [--shape 1024,2048] [--repeats 9] [--grads-in-step]
   python benchmarks/sophia_plain_step.py --arrangements [--shape 1024,2048] [--repeats 9]
 """
 
@@ -47,6 +47,9 @@ def main():
   ap.add_argument("--repeats", type=int, default=9)
   ap.add_argument("--arrangements", action="store_true",
                   help="time one matrix's plain step in four arrangements written in jax.numpy")
+  ap.add_argument("--grads-in-step", action="store_true",
+                  help="compute the gradient inside the step, as a training step does (a temporary that "
+                       "XLA may reuse), instead of passing it in")
   a = ap.parse_args()
   shape = tuple(int(s) for s in a.shape.split(","))
   if a.arrangements:
@@ -68,6 +71,8 @@ def main():
   live, copies = {}, {}
   for name, (tx, sophia) in rows.items():
     def step(p, s, g, tx=tx, sophia=sophia):
+      if a.grads_in_step:  # the gradient of the objective at p, 1e-3 of it: a temporary of the step
+        g = jax.tree.map(lambda d: 1e-3 * d, jax.grad(loss)(p))
       u, s = tx.update(g, s, p, **(dict(obj_fn=loss) if sophia else {}))
       return optax.apply_updates(p, u), s
     p = jax.tree.map(jnp.copy, params)
@@ -84,7 +89,8 @@ def main():
   base = statistics.median(times["optax.adamw"])
   n = a.layers * shape[0] * shape[1]
   print(f"{a.layers} matrices {shape} ({n:,} parameters); {platform.machine()}, {jax.devices()[0].platform}, "
-        f"jax {jax.__version__}, optax {optax.__version__}; median of {a.repeats} plain steps")
+        f"jax {jax.__version__}, optax {optax.__version__}; median of {a.repeats} plain steps"
+        + ("; gradient computed in the step" if a.grads_in_step else ""))
   print(f"{'transform':62s} {'median':>10s} {'ratio':>7s} {'param-sized copies':>19s}")
   for name, ts in times.items():
     med = statistics.median(ts)
