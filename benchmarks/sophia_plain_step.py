@@ -9,7 +9,10 @@ refreshed ``h`` is used at once) and both with ``track_win_rate=True``,
 interleaved over the repeats, and counts the parameter-sized ``copy``
 instructions in every computation of each compiled step (XLA's HLO after
 optimization). The objective is ``sum(tanh(x W))`` per matrix: the refresh
-branch only has to exist, it never runs in the timed steps.
+branch only has to exist, it never runs in the timed steps. With
+``--grads-in-step`` the step computes the gradient of that objective itself, as
+a training step does, so that the gradient is a temporary of the step whose
+memory XLA can reuse (a passed-in gradient cannot be).
 
 With ``--arrangements`` it times, instead, one matrix's plain step written out
 in ``jax.numpy`` in four arrangements (no library code), to show what the
