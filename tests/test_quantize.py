@@ -120,6 +120,12 @@ def test_codebooks_are_the_dynamic_and_linear_maps():
     assert np.all(np.sign(book) == np.sign(ref)), codec
     assert _ulps(book, ref.astype(np.float32)).max() <= (0 if codec == "uint4" else 1), codec
     np.testing.assert_allclose(book, ref, rtol=1.2e-7, atol=0, err_msg=codec)
+  # The values bitsandbytes' create_dynamic_map gives (its ends and smallest codes).
+  signed8, unsigned8 = REF_MAPS["int8"], REF_MAPS["uint8"]
+  assert signed8[0] == pytest.approx(-0.99296875) and signed8[-1] == 1.0
+  assert signed8[signed8 > 0][0] == pytest.approx(5.5e-7)  # 10^-6 * 0.55
+  assert unsigned8[0] == 0.0 and unsigned8[1] == pytest.approx(3.25e-7) and unsigned8[-1] == 1.0
+  assert np.count_nonzero(REF_MAPS["int8"] < 0) == 127  # signed: 127 negative, 0, 127 positive, 1
 
 
 @pytest.mark.parametrize("codec", ["int8", "uint8", "int4", "uint4"])
@@ -139,12 +145,6 @@ def test_block_absmax_is_the_max_of_abs():
   x[2, 2, 4] = np.nan
   got = np.asarray(_codecs.block_absmax(jnp.asarray(x)))
   np.testing.assert_array_equal(got, np.abs(x).max(-1))
-  # The values bitsandbytes' create_dynamic_map gives (its ends and smallest codes).
-  signed8, unsigned8 = REF_MAPS["int8"], REF_MAPS["uint8"]
-  assert signed8[0] == pytest.approx(-0.99296875) and signed8[-1] == 1.0
-  assert signed8[signed8 > 0][0] == pytest.approx(5.5e-7)  # 10^-6 * 0.55
-  assert unsigned8[0] == 0.0 and unsigned8[1] == pytest.approx(3.25e-7) and unsigned8[-1] == 1.0
-  assert np.count_nonzero(REF_MAPS["int8"] < 0) == 127  # signed: 127 negative, 0, 127 positive, 1
 
 
 CODE_CASES = [  # codec, shape, block (None: default), distribution
