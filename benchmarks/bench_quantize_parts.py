@@ -128,7 +128,7 @@ def main():
       "elementwise x * 2 + 1": (jax.jit(lambda x: x * 2 + 1), (x,)),
       "uint8 copy": (jax.jit(lambda c: c + 1), (c8,)),
       "searchsorted (int8 codebook)": (jax.jit(lambda x: jnp.searchsorted(codes, x / jnp.max(jnp.abs(x)))), (x,)),
-      "nearest code (bucket tables)": (jax.jit(lambda x: _codecs.nearest_code(x, None, codec="int8")), (x,)),
+      "nearest code (bucket tables)": (jax.jit(lambda x: _codecs.nearest_code(x, "int8")), (x,)),
       "block absmax, jnp.max(abs)": (jax.jit(lambda x: jnp.max(jnp.abs(x.reshape(blocks)), -1)), (x,)),
       "block absmax, two-output": (jax.jit(lambda x: _codecs.block_absmax(x.reshape(blocks))), (x,)),
       "quantize int8": (jax.jit(lambda x: slimoptax.quantize(x, "int8").codes), (x,)),
@@ -136,7 +136,7 @@ def main():
       "stochastic round bf16": (jax.jit(slimoptax.stochastic_round_bf16), (x, key)),
       "8-bit step: new mu + absmax": (jax.jit(lambda c, s, g: _codecs.block_absmax(new_mu(c, s, g))), (c8, s8, x)),
       "8-bit step: encode new mu": (jax.jit(lambda c, s, g: _codecs.nearest_code(
-          new_mu(c, s, g) / s[..., None], None, codec="int8")), (c8, s8, x)),
+          new_mu(c, s, g) / s[..., None], "int8")), (c8, s8, x)),
       "8-bit step: parameter update": (jax.jit(update), (x, c8, c8u, s8, x)),
       "float32 step: parameter update": (jax.jit(update_fp32), (x, x, x, x)),
   }

@@ -300,31 +300,22 @@ def _encode_tables(codec: str) -> tuple[np.ndarray, np.ndarray]:
   return below.astype(np.uint8), inner
 
 
-def nearest_code(v: jax.Array, book: Any, *, codec: str | None = None) -> jax.Array:
-  """Index of the nearest value of the sorted ``book`` to each entry of ``v`` (ties: the larger).
+def nearest_code(v: jax.Array, codec: str) -> jax.Array:
+  """Index of the nearest value of ``codec``'s sorted codebook to each entry of ``v`` (ties: the larger).
 
-  With ``codec``, the codec's codebook and no search: a table indexed by
-  the top 16 bits of ``v``'s float32 gives the nearest code to the bucket's
-  smallest value, and one comparison with the only midpoint inside the
-  bucket (a second table) finishes it, exactly (the midpoints are the
-  smallest float32 at or above the exact ones). Without ``codec``: a binary
-  search of ``book`` (`jnp.searchsorted`) and a float32 comparison of the two
-  distances.
+  No search: a table indexed by the top 16 bits of ``v``'s float32 gives the
+  nearest code to the bucket's smallest value, and one comparison with the
+  only midpoint inside the bucket (a second table) finishes it, exactly (the
+  midpoints are the smallest float32 at or above the exact ones). Values
+  beyond the codebook's ends get the end codes.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from slimoptax._codecs import nearest_code
-    >>> nearest_code(jnp.array([-5.0, 0.24, 0.25, 0.26, 7.0]), jnp.array([0.0, 0.5, 1.0])).tolist()
-    [0, 0, 1, 1, 2]
-    >>> nearest_code(jnp.array([-5.0, 0.0, 0.09, 0.1, 7.0]), None, codec="uint4").tolist()  # 1/16 .. 1
+    >>> nearest_code(jnp.array([-5.0, 0.0, 0.09, 0.1, 7.0]), "uint4").tolist()  # 1/16 .. 1
     [0, 0, 0, 1, 15]
   """
   v = jnp.asarray(v, jnp.float32)
-  if codec is None:
-    book = jnp.asarray(book, jnp.float32)
-    lo = jnp.clip(jnp.searchsorted(book, v, side="right") - 1, 0, book.shape[0] - 2)
-    up = (book[lo + 1] - v) <= (v - book[lo])
-    return (lo + up.astype(lo.dtype)).astype(jnp.uint8)
   below, inner = _encode_tables(codec)
   top = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(v, jnp.uint32), jnp.uint32(16))
   return jnp.asarray(below)[top] + (v >= jnp.asarray(inner)[top]).astype(jnp.uint8)
@@ -470,7 +461,7 @@ def quantize(x: jax.Array, codec: str = "int8", *, block_size: int | None = None
   blocks = _to_blocks(x.astype(jnp.float32), block_size)
   absmax = block_absmax(blocks)
   safe = jnp.where(absmax > 0, absmax, 1.0)
-  codes = _from_blocks(nearest_code(blocks / safe[..., None], None, codec=codec), shape[-1])
+  codes = _from_blocks(nearest_code(blocks / safe[..., None], codec), shape[-1])
   if _bits(codec) == 4:
     codes = _pack4(codes)
   return QuantizedArray(codes, absmax, shape, dtype, codec, block_size)
