@@ -84,6 +84,11 @@ def quantize_state(
   `optax.partition`, and `slimoptax.scale_by_slim_adam` / `slimoptax.slim_adamw`
   (whose compressed ``nu`` is usually below ``min_size`` and stays float32).
 
+  On XLA's CPU backend a donated step copies the stored codes before
+  overwriting them unless JAX starts with
+  ``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true``, which
+  drops the copy of bf16 states (docs/benchmarks.md gives the measured steps).
+
   Args:
     tx: the transformation whose state to store quantized.
     mu: the first moment's storage: ``None`` (as it is), ``"int8"``
